@@ -1,0 +1,253 @@
+"""Concept Activation Vectors (CAVs).
+
+The *pattern* CAV (Pahde et al. 2023) is the covariance between activations
+and concept labels divided by the label variance; for 0/1 labels it equals the
+difference of the class-conditional means. The *filter* CAVs (SVM, ridge,
+lasso, logistic) are the normalised weights of a linear classifier; they can
+point away from the concept direction when distractor noise is correlated
+across features.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+__all__ = ["CAVEstimator", "CAV_METHODS", "cav_alignment"]
+
+CAV_METHODS = ("pattern", "mean_diff", "svm", "ridge", "lasso", "logistic")
+
+
+def _unit(v: np.ndarray, what: str) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm) or norm <= np.finfo(np.float64).tiny:
+        raise ValueError(
+            f"The {what} is zero: the concept is not linearly visible in these activations "
+            "(for method='lasso' try a smaller alpha)."
+        )
+    return v / norm
+
+
+def cav_alignment(cav, A_with, A_without):
+    """Alignment of a CAV with the true latent artifact direction.
+
+    For paired activations of images with and without the artifact,
+    ``d_i = A_with[i] - A_without[i]``.
+
+    Returns
+    -------
+    dict with ``"cos_mean_diff"`` = cos(mean_i d_i, cav) and
+    ``"mean_cos"`` = mean_i cos(d_i, cav) (pairs with d_i = 0 are skipped).
+    """
+    cav = np.asarray(cav, dtype=np.float64).ravel()
+    D = np.asarray(A_with, dtype=np.float64) - np.asarray(A_without, dtype=np.float64)
+    if D.ndim != 2 or D.shape[1] != cav.shape[0]:
+        raise ValueError(
+            f"Paired activations must have shape (n, {cav.shape[0]}), got {D.shape}."
+        )
+    cav = cav / np.linalg.norm(cav)
+    mean_d = D.mean(axis=0)
+    norms = np.linalg.norm(D, axis=1)
+    keep = norms > 0
+    return {
+        "cos_mean_diff": float(mean_d @ cav / max(np.linalg.norm(mean_d), 1e-300)),
+        "mean_cos": float(np.mean(D[keep] @ cav / norms[keep])) if keep.any() else float("nan"),
+    }
+
+
+class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
+    """Fit a Concept Activation Vector on activations and 0/1 concept labels.
+
+    Parameters
+    ----------
+    method : {"pattern", "mean_diff", "svm", "ridge", "lasso", "logistic"}, default="pattern"
+        ``"pattern"``: closed-form ``cov(A, t) / var(t)`` (no solver, robust to
+        correlated noise). ``"mean_diff"``: difference of the two class means
+        (the same direction as the pattern for binary labels, computed
+        directly). The others fit a linear model and use its normalised weights.
+    C : float, default=1.0
+        Inverse regularisation of ``"svm"`` and ``"logistic"``.
+    alpha : float, default=1.0
+        Regularisation of ``"ridge"`` and ``"lasso"``.
+    class_weight : "balanced", dict or None, default="balanced"
+        Class weights of the linear-model methods (ignored by pattern/mean_diff,
+        which are balanced by construction).
+    fit_intercept : bool, default=True
+        Whether the linear models fit an intercept.
+    standardize : bool, default=False
+        Standardise activations before fitting a linear model; the CAV is then
+        mapped back to activation space (``coef / scale``).
+    max_iter : int, default=1000
+        Solver iterations for the linear models.
+    random_state : int, RandomState or None, default=None
+        Seed for the stochastic solvers.
+
+    Attributes
+    ----------
+    cav_ : ndarray of shape (n_features,)
+        Unit-norm concept direction, pointing towards ``classes_[1]``.
+    mean_ : ndarray of shape (n_features,)
+        Mean activation of the training samples.
+    classes_ : ndarray of shape (2,)
+    threshold_ : float
+        Decision threshold on the projection: midpoint between the mean
+        projections of the two classes.
+    class_means_ : ndarray of shape (2, n_features)
+        Mean activation of each concept class.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdebias import CAVEstimator
+    >>> rng = np.random.RandomState(0)
+    >>> t = rng.randint(0, 2, 200)
+    >>> A = rng.randn(200, 5) + 3 * t[:, None] * np.eye(5)[0]
+    >>> cav = CAVEstimator(method="pattern").fit(A, t)
+    >>> round(float(cav.cav_[0]), 1)
+    1.0
+    """
+
+    def __init__(self, method="pattern", C=1.0, alpha=1.0, class_weight="balanced",
+                 fit_intercept=True, standardize=False, max_iter=1000, random_state=None):
+        self.method = method
+        self.C = C
+        self.alpha = alpha
+        self.class_weight = class_weight
+        self.fit_intercept = fit_intercept
+        self.standardize = standardize
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
+
+    # ------------------------------------------------------------------ fit
+    def _check_params(self):
+        if self.method not in CAV_METHODS:
+            raise ValueError(f"method={self.method!r} is not valid; choose one of {CAV_METHODS}.")
+        for name in ("C", "alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+
+    def fit(self, A, concept_labels, sample_weight=None):
+        """Fit the CAV.
+
+        Parameters
+        ----------
+        A : array-like of shape (n_samples, n_features)
+            Activations (e.g. from :class:`ActivationExtractor`).
+        concept_labels : array-like of shape (n_samples,)
+            Two distinct labels (usually 0/1); ``classes_[1]`` is "concept present".
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        self : CAVEstimator
+        """
+        self._check_params()
+        if concept_labels is None:
+            raise ValueError("concept_labels are required to fit a CAV (0/1 per sample).")
+        A, t = validate_data(self, A, concept_labels, dtype=np.float64, y_numeric=False)
+        kind = type_of_target(t, input_name="concept_labels")
+        self.classes_, t_idx = np.unique(t, return_inverse=True)
+        if len(self.classes_) != 2 or kind not in ("binary",):
+            if len(self.classes_) < 2:
+                raise ValueError(
+                    f"concept_labels contain a single class ({self.classes_.tolist()}); a CAV needs "
+                    "samples with and without the concept."
+                )
+            raise ValueError(
+                f"concept_labels must be binary (two classes, e.g. 0/1); got {len(self.classes_)} "
+                f"classes ({kind})."
+            )
+        sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        if sw is not None and sw.shape != (A.shape[0],):
+            raise ValueError(f"sample_weight has shape {sw.shape}, expected ({A.shape[0]},).")
+
+        self.mean_ = np.average(A, axis=0, weights=sw)
+        self.class_means_ = np.stack(
+            [np.average(A[t_idx == k], axis=0, weights=None if sw is None else sw[t_idx == k])
+             for k in (0, 1)]
+        )
+        if self.method == "pattern":
+            w = self._pattern(A, t_idx.astype(np.float64), sw)
+        elif self.method == "mean_diff":
+            w = self.class_means_[1] - self.class_means_[0]
+        else:
+            w = self._filter(A, t_idx, sw)
+        self.cav_ = _unit(w, f"{self.method} CAV")
+        centred = self.class_means_ - self.mean_
+        self.threshold_ = float(centred.mean(axis=0) @ self.cav_)
+        return self
+
+    @staticmethod
+    def _pattern(A, t, sw):
+        w_s = np.ones_like(t) if sw is None else sw
+        t_c = t - np.average(t, weights=w_s)
+        A_c = A - np.average(A, axis=0, weights=w_s)
+        return (A_c * (w_s * t_c)[:, None]).sum(axis=0) / np.sum(w_s * t_c ** 2)
+
+    def _filter(self, A, t_idx, sw):
+        from sklearn.linear_model import Lasso, LogisticRegression, RidgeClassifier
+        from sklearn.svm import LinearSVC
+
+        scale = np.ones(A.shape[1])
+        if self.standardize:
+            scale = A.std(axis=0)
+            scale[scale == 0] = 1.0
+        Z = (A - self.mean_) / scale
+        common = dict(fit_intercept=self.fit_intercept)
+        if self.method == "svm":
+            model = LinearSVC(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
+                              random_state=self.random_state, **common)
+        elif self.method == "logistic":
+            model = LogisticRegression(C=self.C, class_weight=self.class_weight,
+                                       max_iter=self.max_iter, **common)
+        elif self.method == "ridge":
+            model = RidgeClassifier(alpha=self.alpha, class_weight=self.class_weight,
+                                    random_state=self.random_state, **common)
+        else:  # lasso: least squares on +-1 targets with class-balanced sample weights
+            model = Lasso(alpha=self.alpha, max_iter=self.max_iter,
+                          random_state=self.random_state, **common)
+            weights = compute_sample_weight(self.class_weight, t_idx) if self.class_weight else None
+            if sw is not None:
+                weights = sw if weights is None else weights * sw
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(Z, 2.0 * t_idx - 1.0, sample_weight=weights)
+            return np.ravel(model.coef_) / scale
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(Z, t_idx, sample_weight=sw)
+        return np.ravel(model.coef_) / scale
+
+    # ------------------------------------------------------------------ use
+    def transform(self, A):
+        """Projection of ``A - mean_`` on ``cav_``, shape ``(n_samples, 1)``."""
+        check_is_fitted(self, "cav_")
+        A = validate_data(self, A, dtype=np.float64, reset=False)
+        return ((A - self.mean_) @ self.cav_)[:, None]
+
+    def decision_function(self, A):
+        """Signed distance along ``cav_`` from the midpoint of the two class means."""
+        return self.transform(A)[:, 0] - self.threshold_
+
+    def predict(self, A):
+        """``classes_[1]`` where the decision function is positive, else ``classes_[0]``."""
+        return self.classes_[(self.decision_function(A) > 0).astype(int)]
+
+    def get_feature_names_out(self, input_features=None):
+        """One output feature: ``["cav_projection"]``."""
+        check_is_fitted(self, "cav_")
+        return np.asarray(["cav_projection"], dtype=object)
