@@ -1,0 +1,144 @@
+"""Input attributions: zennit LRP composites, with gradient x input as fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from ._torch import (
+    copy_module,
+    get_module,
+    iter_batches,
+    n_samples,
+    preserve_mode,
+    progress_bar,
+    resolve_device,
+)
+
+__all__ = ["attribute", "ATTRIBUTION_METHODS", "resolve_composite"]
+
+ATTRIBUTION_METHODS = ("lrp", "gradient_x_input", "gradient")
+
+
+def resolve_composite(composite):
+    """A zennit composite instance from a name, class or instance.
+
+    Names may be zennit's registry names (``"epsilon_plus_flat"``) or class
+    names (``"EpsilonPlusFlat"``).
+    """
+    from zennit import composites as zc
+
+    if isinstance(composite, zc.Composite):
+        return composite
+    if isinstance(composite, type) and issubclass(composite, zc.Composite):
+        return composite()
+    if isinstance(composite, str):
+        if composite in zc.COMPOSITES:
+            return zc.COMPOSITES[composite]()
+        by_class = {cls.__name__: cls for cls in zc.COMPOSITES.values()}
+        if composite in by_class:
+            return by_class[composite]()
+        raise ValueError(
+            f"Unknown zennit composite {composite!r}; choose one of "
+            f"{sorted(by_class)} or {sorted(zc.COMPOSITES)}."
+        )
+    raise ValueError(f"composite must be a name, a zennit Composite class or instance; got {composite!r}.")
+
+
+def _targets(module, xb, target, start):
+    if target is None:
+        with torch.no_grad():
+            return module(xb).argmax(dim=1)
+    if np.ndim(target) == 0:
+        return torch.full((xb.shape[0],), int(target), dtype=torch.long, device=xb.device)
+    return torch.as_tensor(np.asarray(target)[start:start + xb.shape[0]], dtype=torch.long,
+                           device=xb.device)
+
+
+def _gradient_batch(module, xb, tb, times_input):
+    xb = xb.clone().requires_grad_(True)
+    out = module(xb)
+    sel = out.gather(1, tb[:, None]).sum()
+    (grad,) = torch.autograd.grad(sel, xb)
+    return grad * xb.detach() if times_input else grad
+
+
+def _lrp_batch(module, xb, tb, composite):
+    from zennit.attribution import Gradient
+
+    with torch.no_grad():
+        n_out = module(xb[:1]).shape[1]
+    onehot = torch.eye(n_out, device=xb.device)[tb]
+    with Gradient(model=module, composite=composite) as attributor:
+        _, relevance = attributor(xb.clone().requires_grad_(True), onehot)
+    return relevance
+
+
+def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFlat",
+              batch_size=64, device="auto", reduce_channels=True, progress=False):
+    """Attribution maps of a classifier's output for ``X``.
+
+    Parameters
+    ----------
+    estimator : torch.nn.Module or skorch NeuralNet
+        Never modified: attributions run on a copy (zennit registers hooks).
+    X : array-like (n, C, H, W), tensor or Dataset
+    target : None, int or array of shape (n,)
+        Output class to explain; ``None`` explains the predicted class.
+    method : {"lrp", "gradient_x_input", "gradient"}, default="lrp"
+        ``"lrp"`` uses the zennit ``composite``; if zennit cannot handle the
+        network it falls back to gradient x input with a warning.
+    composite : str, zennit Composite class or instance, default="EpsilonPlusFlat"
+    batch_size : int, default=64
+    device : str, default="auto"
+    reduce_channels : bool, default=True
+        Sum relevance over channels, returning ``(n, H, W)``.
+    progress : bool, default=False
+
+    Returns
+    -------
+    R : ndarray, float32, of shape (n, H, W) or (n, C, H, W)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdebias.models import SmallCNN
+    >>> from skdebias.attribution import attribute
+    >>> R = attribute(SmallCNN(), np.random.rand(2, 3, 28, 28).astype("float32"), device="cpu")
+    >>> R.shape
+    (2, 28, 28)
+    """
+    if method not in ATTRIBUTION_METHODS:
+        raise ValueError(f"method={method!r} is not valid; choose one of {ATTRIBUTION_METHODS}.")
+    dev = resolve_device(device)
+    module = copy_module(get_module(estimator)).to(dev)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    comp = resolve_composite(composite) if method == "lrp" else None
+    n = n_samples(X)
+    out = None
+    start = 0
+    with preserve_mode(module, train=False):
+        batches = iter_batches(X, batch_size=batch_size, device=dev)
+        for xb in progress_bar(batches, progress, total=-(-n // batch_size), desc="attribution"):
+            tb = _targets(module, xb, target, start)
+            if method == "lrp":
+                try:
+                    R = _lrp_batch(module, xb, tb, comp)
+                except Exception as exc:  # zennit cannot handle some layers
+                    warnings.warn(
+                        f"zennit LRP failed ({exc!r}); falling back to gradient x input.",
+                        RuntimeWarning, stacklevel=2,
+                    )
+                    method = "gradient_x_input"
+                    R = _gradient_batch(module, xb, tb, True)
+            else:
+                R = _gradient_batch(module, xb, tb, method == "gradient_x_input")
+            R = R.sum(dim=1) if reduce_channels else R
+            if out is None:
+                out = np.empty((n, *R.shape[1:]), dtype=np.float32)
+            out[start:start + R.shape[0]] = R.detach().cpu().numpy()
+            start += R.shape[0]
+    return out
