@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import type_of_target
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 __all__ = ["CAVEstimator", "CAV_METHODS", "cav_alignment"]
 
@@ -102,6 +102,8 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
     class_means_ : ndarray of shape (2, n_features)
         Mean activation of each concept class.
     n_features_in_ : int
+    n_iter_ : int
+        Solver iterations (1 for the closed-form methods).
 
     Examples
     --------
@@ -157,29 +159,37 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
         """
         self._check_params()
         if concept_labels is None:
-            raise ValueError("concept_labels are required to fit a CAV (0/1 per sample).")
-        A, t = validate_data(self, A, concept_labels, dtype=np.float64, y_numeric=False)
-        kind = type_of_target(t, input_name="concept_labels")
-        self.classes_, t_idx = np.unique(t, return_inverse=True)
-        if len(self.classes_) != 2 or kind not in ("binary",):
-            if len(self.classes_) < 2:
-                raise ValueError(
-                    f"concept_labels contain a single class ({self.classes_.tolist()}); a CAV needs "
-                    "samples with and without the concept."
-                )
             raise ValueError(
-                f"concept_labels must be binary (two classes, e.g. 0/1); got {len(self.classes_)} "
-                f"classes ({kind})."
+                "CAVEstimator requires y to be passed, but the target y is None: concept_labels "
+                "(0/1 per sample) are required to fit a CAV."
             )
-        sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-        if sw is not None and sw.shape != (A.shape[0],):
-            raise ValueError(f"sample_weight has shape {sw.shape}, expected ({A.shape[0]},).")
+        A, t = validate_data(self, A, concept_labels, dtype=np.float64, y_numeric=False)
+        sw = None
+        if sample_weight is not None:
+            sw = _check_sample_weight(sample_weight, A, dtype=np.float64)
+            if not np.any(sw > 0):
+                raise ValueError("sample_weight is zero for every sample; nothing to fit.")
+            A, t, sw = A[sw > 0], t[sw > 0], sw[sw > 0]
+        kind = type_of_target(t, input_name="concept_labels", raise_unknown=True)
+        self.classes_, t_idx = np.unique(t, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"concept_labels contain one class only ({self.classes_.tolist()}); a CAV needs "
+                "samples with and without the concept."
+            )
+        if len(self.classes_) != 2 or kind != "binary":
+            raise ValueError(
+                "Only binary classification is supported. The type of the target is "
+                f"{kind}: concept_labels must hold two classes (e.g. 0/1), got "
+                f"{len(self.classes_)}."
+            )
 
         self.mean_ = np.average(A, axis=0, weights=sw)
         self.class_means_ = np.stack(
             [np.average(A[t_idx == k], axis=0, weights=None if sw is None else sw[t_idx == k])
              for k in (0, 1)]
         )
+        self.n_iter_ = 1
         if self.method == "pattern":
             w = self._pattern(A, t_idx.astype(np.float64), sw)
         elif self.method == "mean_diff":
@@ -226,10 +236,13 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model.fit(Z, 2.0 * t_idx - 1.0, sample_weight=weights)
+            self.n_iter_ = int(np.max(model.n_iter_))
             return np.ravel(model.coef_) / scale
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(Z, t_idx, sample_weight=sw)
+        n_iter = getattr(model, "n_iter_", None)
+        self.n_iter_ = 1 if n_iter is None else int(np.max(n_iter))
         return np.ravel(model.coef_) / scale
 
     # ------------------------------------------------------------------ use
@@ -245,6 +258,7 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
 
     def predict(self, A):
         """``classes_[1]`` where the decision function is positive, else ``classes_[0]``."""
+        check_is_fitted(self, "cav_")
         return self.classes_[(self.decision_function(A) > 0).astype(int)]
 
     def get_feature_names_out(self, input_features=None):

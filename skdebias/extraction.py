@@ -5,9 +5,10 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_array, check_is_fitted
 
 from ._torch import (
     capture_output,
@@ -59,26 +60,30 @@ def _check_positive_int(name, value):
 
 
 def _check_input(X, name="X"):
-    """Validate X (array, tensor or Dataset); returns the per-sample shape or None."""
+    """Validate ``X`` (array-like, tensor or Dataset).
+
+    Returns ``(X, per_sample_shape)``; array-likes come back as float ndarrays
+    (no copy for float32/float64 input), Datasets with shape ``None``.
+    """
     if isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.Tensor):
         if n_samples(X) == 0:
             raise ValueError(f"{name} is an empty Dataset.")
-        return None
-    if not isinstance(X, torch.Tensor):
-        X = np.asarray(X)
-        if X.dtype == object or not np.issubdtype(X.dtype, np.number):
-            raise ValueError(f"{name} must be numeric, got dtype {X.dtype}.")
-    if X.ndim < 2:
-        raise ValueError(
-            f"Expected {name} of shape (n_samples, ...) with at least 2 dimensions, got shape "
-            f"{tuple(X.shape)}. Reshape your data, e.g. X.reshape(-1, 1) for a single feature."
+        return X, None
+    if isinstance(X, torch.Tensor):
+        if X.ndim < 2 or X.shape[0] == 0:
+            raise ValueError(
+                f"Expected {name} of shape (n_samples, ...) with at least 2 dimensions and 1 "
+                f"sample, got shape {tuple(X.shape)}."
+            )
+        if X.is_complex() or not bool(torch.isfinite(X).all()):
+            raise ValueError(f"{name} contains NaN, infinity or complex values.")
+        return X, tuple(X.shape[1:])
+    if sp.issparse(X):
+        raise TypeError(
+            "Sparse input is not supported: pass a dense array of images (n, C, H, W)."
         )
-    if X.shape[0] == 0:
-        raise ValueError(f"{name} has 0 samples; at least 1 is required.")
-    finite = torch.isfinite(X).all() if isinstance(X, torch.Tensor) else np.isfinite(X).all()
-    if not bool(finite):
-        raise ValueError(f"{name} contains NaN or infinity.")
-    return tuple(X.shape[1:])
+    X = check_array(X, allow_nd=True, dtype=(np.float32, np.float64), input_name=name)
+    return X, tuple(X.shape[1:])
 
 
 class ActivationExtractor(TransformerMixin, BaseEstimator):
@@ -137,6 +142,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True
+        tags.transformer_tags.preserves_dtype = ["float32"]
         tags.non_deterministic = False
         tags.requires_fit = True
         return tags
@@ -167,7 +173,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         _check_pooling(self.pooling)
         _check_positive_int("batch_size", self.batch_size)
         self.device_ = resolve_device(self.device)
-        self.input_shape_ = _check_input(X)
+        X, self.input_shape_ = _check_input(X)
         if self.input_shape_ is not None and len(self.input_shape_) == 1:
             self.n_features_in_ = self.input_shape_[0]
         self.module_ = self._module_on_device(self.device_)
@@ -206,7 +212,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
             activation shape for ``pooling=None``), dtype float32
         """
         check_is_fitted(self, "output_shape_")
-        shape = _check_input(X)
+        X, shape = _check_input(X)
         if self.input_shape_ is not None and shape is not None and shape != self.input_shape_:
             if len(shape) == 1 and len(self.input_shape_) == 1:
                 raise ValueError(
