@@ -1,0 +1,167 @@
+"""Command line: ``python -m skdebias demo`` and ``python -m skdebias audit``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .report import Timer, format_table, write_json
+
+__all__ = ["main", "run_demo", "run_audit"]
+
+
+def _accuracy(net, X, y):
+    return float(np.mean(net.predict(X) == y))
+
+
+def run_demo(seed=0, epochs=8, artifact="patch", target_class=0, p=0.3, layer="features.6",
+             correction=True, verbose=True):
+    """Train a Clever-Hans CNN on artifact digits, audit it with CAVs, and (optionally) correct it.
+
+    Returns a dict with the audit rows, the correction rows and timings.
+    """
+    import torch
+
+    from .concepts import CAVEstimator, cav_alignment
+    from .datasets import make_artifact_digits
+    from .extraction import ActivationExtractor
+    from .models import SmallCNN, make_classifier
+
+    say = print if verbose else (lambda *a, **k: None)
+    timer = Timer()
+    data = make_artifact_digits(target_class=target_class, p=p, artifact=artifact, random_state=seed)
+    X_att = data.add_artifact(data.X_test)
+    n_art = int(data.concept.sum())
+    say(f"Artifact digits: {len(data.y)} train images, artifact '{artifact}' in {n_art} images of "
+        f"class {target_class} (p={p}); {len(data.y_test)} clean test images. Seed {seed}.")
+
+    with timer("train"):
+        net = make_classifier(SmallCNN, max_epochs=epochs, lr=2e-3, random_state=seed)
+        net.fit(data.X, data.y)
+    clean, attacked = _accuracy(net, data.X_test, data.y_test), _accuracy(net, X_att, data.y_test)
+
+    with timer("extract"):
+        extractor = ActivationExtractor(net, layer=layer).fit(data.X)
+        A = extractor.transform(data.X)
+        A_test, A_test_att = extractor.transform(data.X_test), extractor.transform(X_att)
+    cav_rows = []
+    cavs = {}
+    for method in ("pattern", "svm"):
+        name = f"fit_{method}"
+        with timer(name):
+            est = CAVEstimator(method=method, random_state=seed).fit(A, data.concept)
+        cavs[method] = est
+        align = cav_alignment(est.cav_, A_test_att, A_test)
+        cav_rows.append({"cav": method, "cos(mean d, cav)": align["cos_mean_diff"],
+                         "mean cos(d, cav)": align["mean_cos"],
+                         "fit ms": 1000 * timer[name]})
+    summary = [
+        {"quantity": "clean test accuracy", "value": f"{clean:.3f}"},
+        {"quantity": "attacked test accuracy (artifact in every image)", "value": f"{attacked:.3f}"},
+        {"quantity": "accuracy lost to the artifact (points)", "value": f"{100 * (clean - attacked):.1f}"},
+        {"quantity": f"training ({epochs} epochs, {net.device})", "value": f"{timer['train']:.1f} s"},
+        {"quantity": f"activation extraction at {layer!r}", "value": f"{timer['extract']:.2f} s"},
+    ]
+    say("")
+    say(format_table(summary, title="Audit of the trained network"))
+    say("")
+    say(format_table(cav_rows, title="CAV alignment with the true artifact direction "
+                                     "(d = a(x + artifact) - a(x) on test images)"))
+    result = {"seed": seed, "clean_accuracy": clean, "attacked_accuracy": attacked,
+              "cav": cav_rows, "timings_s": dict(timer.seconds)}
+
+    if correction:
+        try:
+            from .correction import compare_corrections
+        except ImportError:  # correction module not available in this build
+            compare_corrections = None
+        if compare_corrections is not None:
+            with timer("correction"):
+                rows = compare_corrections(net, data, layer=layer, cav=cavs["pattern"],
+                                           random_state=seed)
+            say("")
+            say(format_table(rows, title="Correction on artifact digits "
+                                         "(concept sensitivity: mean |grad . cav| at the layer)"))
+            result["correction"] = rows
+            result["timings_s"] = dict(timer.seconds)
+    say("")
+    say(f"Total time: {sum(timer.seconds.values()):.1f} s (torch threads: {torch.get_num_threads()})")
+    return result
+
+
+def run_audit(model, images, concept, layer, image_size=None, batch_size=64, device="auto",
+              verbose=True):
+    """Audit a saved model for a concept given as example images.
+
+    ``model`` is a file written by ``torch.save(module)``; ``images`` an
+    ImageFolder-style directory with the classes; ``concept`` a directory with
+    two sub-folders whose second (sorted) name holds images *with* the concept.
+    """
+    import torch
+
+    from .concepts import CAVEstimator
+    from .datasets import load_image_folder
+    from .extraction import ActivationExtractor
+
+    say = print if verbose else (lambda *a, **k: None)
+    module = torch.load(model, weights_only=False, map_location="cpu")
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"{model!r} does not hold a torch.nn.Module (saved with torch.save(module)).")
+    data = load_image_folder(images, image_size=image_size)
+    conc = load_image_folder(concept, image_size=image_size)
+    if len(conc.target_names) != 2:
+        raise ValueError(f"{concept!r} must hold exactly two sub-folders (without / with the "
+                         f"concept), found {list(conc.target_names)}.")
+    ext = ActivationExtractor(module, layer=layer, batch_size=batch_size, device=device).fit(conc.X)
+    cav = CAVEstimator().fit(ext.transform(conc.X), conc.y)
+    with torch.no_grad():
+        module.eval()
+        preds = np.concatenate([
+            module(torch.as_tensor(data.X[i:i + batch_size])).argmax(1).numpy()
+            for i in range(0, len(data.X), batch_size)])
+    proj = cav.transform(ext.transform(data.X))[:, 0]
+    rows = []
+    for k, name in enumerate(data.target_names):
+        m = data.y == k
+        rows.append({"class": name, "n": int(m.sum()), "accuracy": float(np.mean(preds[m] == k)),
+                     "mean concept score": float(proj[m].mean())})
+    say(format_table(rows, title=f"Concept '{conc.target_names[1]}' at layer {layer!r}: "
+                                 f"CAV accuracy on the concept set {cav.score(ext.transform(conc.X), conc.y):.3f}"))
+    return {"rows": rows, "cav": cav.cav_}
+
+
+def main(argv=None):
+    """Entry point of ``python -m skdebias``."""
+    parser = argparse.ArgumentParser(prog="skdebias", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a Clever-Hans CNN on built-in data, audit and correct it")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--artifact", default="patch", choices=["patch", "timestamp", "lsb", "brightness"])
+    demo.add_argument("--no-correction", action="store_true", help="only audit, do not correct")
+    demo.add_argument("--json", help="also write the results to this JSON file")
+    audit = sub.add_parser("audit", help="measure a saved model's use of a concept")
+    audit.add_argument("--model", required=True, help="file saved with torch.save(module)")
+    audit.add_argument("--images", required=True, help="ImageFolder-style directory of labelled images")
+    audit.add_argument("--concept", required=True,
+                       help="directory with two sub-folders: images without / with the concept")
+    audit.add_argument("--layer", required=True)
+    audit.add_argument("--image-size", type=int, default=None)
+    audit.add_argument("--device", default="auto")
+    audit.add_argument("--json")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        result = run_demo(seed=args.seed, epochs=args.epochs, artifact=args.artifact,
+                          correction=not args.no_correction)
+    else:
+        result = run_audit(args.model, args.images, args.concept, args.layer,
+                           image_size=args.image_size, device=args.device)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
