@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmark scripts (timing, output paths, synthetic data)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(HERE))
+
+from skdebias.report import environment, format_table, write_json  # noqa: E402
+
+__all__ = ["interleaved", "result_path", "SyntheticImages", "emit", "environment", "format_table"]
+
+
+def interleaved(funcs, repeats=5, warmup=1):
+    """Median wall time per callable, repetitions interleaved so machine noise hits all alike."""
+    for _ in range(warmup):
+        for fn in funcs.values():
+            fn()
+    times = {name: [] for name in funcs}
+    for _ in range(repeats):
+        for name, fn in funcs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def result_path(name):
+    return os.path.join(RESULTS, f"{name}.json")
+
+
+def emit(name, rows, title, columns=None, extra=None, floatfmt=".3f"):
+    """Print a table and write it (with the environment) to benchmarks/results/<name>.json."""
+    print(format_table(rows, columns=columns, title=title, floatfmt=floatfmt))
+    print()
+    payload = {"benchmark": name, "rows": rows, "environment": environment(), **(extra or {})}
+    path = write_json(result_path(name), payload)
+    print(f"wrote {os.path.relpath(path, os.path.dirname(HERE))}")
+    return payload
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Images generated on the fly from their index: memory does not grow with n."""
+
+    def __init__(self, n, size=28, channels=3):
+        self.n, self.size, self.channels = n, size, channels
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(int(i))
+        return torch.rand(self.channels, self.size, self.size, generator=g)
