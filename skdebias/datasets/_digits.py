@@ -1,0 +1,393 @@
+"""Biased image datasets made from scikit-learn's bundled 8x8 digits (no downloads).
+
+Two controlled settings, both built from the 1,797 real digits of
+:func:`sklearn.datasets.load_digits`, upsampled to ``image_size`` pixels:
+
+- :func:`make_colored_digits`: the Colored-MNIST / Biased-MNIST protocol, a colour
+  spuriously correlated with the class;
+- :func:`make_artifact_digits`: an artifact (patch, timestamp, invisible pattern,
+  brightness shift) inserted into a fraction of one class, the "Clever Hans" setting.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.utils import Bunch, check_random_state
+
+__all__ = ["make_colored_digits", "make_artifact_digits", "ARTIFACTS", "COLORS"]
+
+#: Names of the artifacts :func:`make_artifact_digits` can insert.
+ARTIFACTS = ("patch", "timestamp", "lsb", "brightness")
+
+#: The ten Biased-MNIST colours (Bahng et al., ICML 2020, ``COLOUR_MAP`` of
+#: clovaai/rebias), RGB in [0, 1]; colour ``k`` is the bias-aligned colour of digit ``k``.
+COLORS = np.array([
+    [255, 0, 0],  # 0 red
+    [0, 255, 0],  # 1 green
+    [0, 0, 255],  # 2 blue
+    [225, 225, 0],  # 3 yellow
+    [225, 0, 225],  # 4 magenta
+    [0, 255, 255],  # 5 cyan
+    [255, 128, 0],  # 6 orange
+    [255, 0, 128],  # 7 pink
+    [128, 0, 255],  # 8 violet
+    [128, 128, 128],  # 9 grey
+], dtype=np.float32) / np.float32(255.0)
+_PALETTE = COLORS.copy()  # private read-only copy: editing COLORS cannot change the data
+_PALETTE.setflags(write=False)
+
+_MODES = ("background", "foreground")
+_PATCH_COLOR = np.array([1.0, 0.0, 0.0], dtype=np.float32)  # saturated red
+_STAMP_COLOR = np.array([1.0, 1.0, 0.0], dtype=np.float32)  # bright yellow
+_LSB_AMPLITUDE = 0.1
+
+# A 3x5 pixel font for the "timestamp" artifact, which reads "10:42".
+_FONT = {
+    "1": [".#.", "##.", ".#.", ".#.", "###"],
+    "0": ["###", "#.#", "#.#", "#.#", "###"],
+    ":": [".", "#", ".", "#", "."],
+    "4": ["#.#", "#.#", "###", "..#", "..#"],
+    "2": ["###", "..#", "###", "#..", "###"],
+}
+_STAMP_TEXT = "10:42"
+
+
+# ------------------------------------------------------------------ validation
+def _check_fraction(name, value):
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not 0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be a float in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def _check_image_size(image_size):
+    if (not isinstance(image_size, numbers.Integral) or isinstance(image_size, bool)
+            or image_size < 8):
+        raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}.")
+    return int(image_size)
+
+
+def _check_test_size(test_size):
+    if (not isinstance(test_size, numbers.Real) or isinstance(test_size, bool)
+            or not 0.0 < float(test_size) < 1.0):
+        raise ValueError(f"test_size must be a float in (0, 1), got {test_size!r}.")
+    return float(test_size)
+
+
+# ------------------------------------------------------------------ base digits
+@functools.lru_cache(maxsize=8)
+def _load_base_digits(image_size):
+    """Cached, read-only upsampled digits; use :func:`_base_digits` for copies."""
+    digits = load_digits()
+    imgs = torch.as_tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
+    up = torch.nn.functional.interpolate(imgs, size=(image_size, image_size), mode="bilinear",
+                                         align_corners=False)[:, 0].clamp_(0.0, 1.0)
+    grey = np.ascontiguousarray(up.numpy(), dtype=np.float32)
+    y = digits.target.astype(np.int64)
+    grey.setflags(write=False)
+    y.setflags(write=False)
+    return grey, y
+
+
+def _base_digits(image_size=28):
+    """sklearn's digits scaled to [0, 1] and bilinearly upsampled.
+
+    Returns ``(images, y)``: float32 ``(1797, image_size, image_size)`` and int64
+    labels, fresh copies of a cache keyed on ``image_size``.
+    """
+    grey, y = _load_base_digits(_check_image_size(image_size))
+    return grey.copy(), y.copy()
+
+
+def _split(image_size, test_size, rng):
+    """Seeded stratified split of the upsampled digits: (g_train, y_train, g_test, y_test)."""
+    grey, y = _base_digits(image_size)
+    g_tr, g_te, y_tr, y_te = train_test_split(grey, y, test_size=test_size, stratify=y,
+                                              random_state=rng.randint(np.iinfo(np.int32).max))
+    return g_tr, y_tr, g_te, y_te
+
+
+# ------------------------------------------------------------------ colored digits
+def _colorize(grey, bias, mode):
+    """Colour grey digits ``(n, H, W)`` with palette colours ``bias``: ``(n, 3, H, W)`` float32."""
+    g = grey[:, None]
+    c = _PALETTE[bias][:, :, None, None]
+    if mode == "background":
+        out = g + (1.0 - g) * c  # white stroke on a coloured background
+    else:
+        out = g * c  # coloured stroke on black
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _draw_bias(y, rho, rng):
+    """Colour index per sample: the class colour with probability rho, else another colour."""
+    aligned = rng.random_sample(len(y)) < rho
+    return np.where(aligned, y, _other_bias(y, rng)).astype(np.int64)
+
+
+def _other_bias(bias, rng):
+    """A colour different from ``bias``, uniformly over the other nine."""
+    return ((bias + rng.randint(1, 10, size=len(bias))) % 10).astype(np.int64)
+
+
+def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactual=False,
+                        test_size=0.3, random_state=None):
+    """Colored digits: a colour spuriously correlated with the class (Colored/Biased-MNIST).
+
+    sklearn's 1,797 bundled digits are upsampled to ``image_size`` pixels and split
+    (stratified) into a train and a test split. In the train split each digit of
+    class ``c`` gets colour ``COLORS[c]`` with probability ``rho`` and a colour drawn
+    uniformly from the other nine otherwise. The unbiased test split uses
+    ``rho=0.1`` (colours uniform over all ten); a biased test split with the
+    training ``rho`` is returned as well.
+
+    Parameters
+    ----------
+    rho : float in [0, 1], default=0.99
+        Strength of the colour/class correlation in the train split and in the
+        biased test split.
+    mode : {"background", "foreground"}, default="background"
+        ``"background"``: the background takes the colour and the stroke stays
+        white, ``x = digit + (1 - digit) * colour``. ``"foreground"``: the stroke
+        takes the colour on black, ``x = digit * colour``.
+    image_size : int >= 8, default=28
+        Height and width of the images (bilinear upsampling of the 8x8 digits).
+    counterfactual : bool, default=False
+        Also return every image re-coloured with another colour (drawn uniformly
+        from the nine others), same digit: ``X_cf``, ``bias_cf`` and
+        ``X_test_cf``, ``bias_test_cf`` (for the unbiased test split).
+    test_size : float in (0, 1), default=0.3
+        Fraction of the digits in the test split.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the split and the colours; the same seed gives identical data.
+
+    Returns
+    -------
+    data : :class:`~sklearn.utils.Bunch`
+        - ``X`` : float32 ``(n, 3, H, W)`` in [0, 1], ``y`` : int64 ``(n,)``,
+          ``bias`` : int64 colour index, ``concept`` : int64 0/1, 1 where
+          ``bias == y`` (the bias-aligned colour);
+        - ``X_test``, ``y_test``, ``bias_test``, ``concept_test``: unbiased
+          test split (``rho=0.1``);
+        - ``X_test_biased``, ``bias_test_biased``, ``concept_test_biased``:
+          the same test digits coloured with the training ``rho``;
+        - ``colors`` (the palette, ``(10, 3)``), ``rho``, ``mode``, ``DESCR``;
+        - with ``counterfactual=True`` also ``X_cf``, ``bias_cf``,
+          ``X_test_cf``, ``bias_test_cf``.
+
+    See Also
+    --------
+    make_artifact_digits : An artifact in a fraction of one class.
+
+    Examples
+    --------
+    >>> from skdebias.datasets import make_colored_digits
+    >>> data = make_colored_digits(rho=0.99, random_state=0)
+    >>> data.X.shape, data.X.dtype
+    ((1257, 3, 28, 28), dtype('float32'))
+    >>> bool(data.concept.mean() > 0.95), bool(data.concept_test.mean() < 0.2)
+    (True, True)
+    """
+    rho = _check_fraction("rho", rho)
+    if not isinstance(mode, str) or mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+    image_size = _check_image_size(image_size)
+    test_size = _check_test_size(test_size)
+    rng = check_random_state(random_state)
+    g_tr, y_tr, g_te, y_te = _split(image_size, test_size, rng)
+
+    bias = _draw_bias(y_tr, rho, rng)
+    bias_test = _draw_bias(y_te, 0.1, rng)
+    bias_test_biased = _draw_bias(y_te, rho, rng)
+    out = Bunch(
+        X=_colorize(g_tr, bias, mode), y=y_tr, bias=bias,
+        concept=(bias == y_tr).astype(np.int64),
+        X_test=_colorize(g_te, bias_test, mode), y_test=y_te, bias_test=bias_test,
+        concept_test=(bias_test == y_te).astype(np.int64),
+        X_test_biased=_colorize(g_te, bias_test_biased, mode),
+        bias_test_biased=bias_test_biased,
+        concept_test_biased=(bias_test_biased == y_te).astype(np.int64),
+        colors=_PALETTE.copy(), rho=rho, mode=mode,
+        DESCR=(f"Colored digits ({mode} colour): sklearn's bundled digits upsampled to "
+               f"{image_size}x{image_size}; {len(y_tr)} train images, colour = class colour "
+               f"with probability rho={rho}, otherwise one of the other nine; {len(y_te)} test "
+               f"images, unbiased (rho=0.1: X_test) and biased (rho={rho}: X_test_biased)."),
+    )
+    if counterfactual:
+        # drawn after everything else, so X and the test splits do not depend on this flag
+        out.bias_cf = _other_bias(bias, rng)
+        out.X_cf = _colorize(g_tr, out.bias_cf, mode)
+        out.bias_test_cf = _other_bias(bias_test, rng)
+        out.X_test_cf = _colorize(g_te, out.bias_test_cf, mode)
+    return out
+
+
+# ------------------------------------------------------------------ artifact digits
+def _glyph_mask(image_size):
+    """Mask of a small yellow 'timestamp' ("10:42", 3x5 pixel font) in the top-left corner."""
+    scale = max(1, image_size // 28)
+    rows = [""] * 5
+    for k, char in enumerate(_STAMP_TEXT):
+        for r, line in enumerate(_FONT[char]):
+            rows[r] += ("." if k else "") + line
+    glyph = np.array([[ch == "#" for ch in line] for line in rows], dtype=np.float32)
+    glyph = np.kron(glyph, np.ones((scale, scale), dtype=np.float32))
+    mask = np.zeros((image_size, image_size), dtype=np.float32)
+    h = min(glyph.shape[0], image_size - 2)
+    w = min(glyph.shape[1], image_size - 2)
+    mask[1:1 + h, 1:1 + w] = glyph[:h, :w]  # cropped on small images, 1-pixel margin
+    return mask
+
+
+def _artifact_mask(artifact, image_size):
+    """Where ``artifact`` changes an ``image_size`` image: float32 0/1 ``(H, W)``."""
+    if artifact == "patch":
+        side = max(2, image_size // 5)
+        mask = np.zeros((image_size, image_size), dtype=np.float32)
+        mask[-1 - side:-1, -1 - side:-1] = 1.0  # bottom-right, 1-pixel margin
+        return mask
+    if artifact == "timestamp":
+        return _glyph_mask(image_size)
+    return np.ones((image_size, image_size), dtype=np.float32)  # lsb, brightness: everywhere
+
+
+def _insert(X, artifact, mask):
+    """A float32 copy of numpy ``X`` (n, 3, H, W) with the artifact inserted in every image."""
+    X = np.array(X, dtype=np.float32, copy=True)
+    if artifact == "patch":
+        X = np.where(mask > 0, _PATCH_COLOR[:, None, None], X)
+    elif artifact == "timestamp":
+        X = np.where(mask > 0, _STAMP_COLOR[:, None, None], X)
+    elif artifact == "lsb":
+        H, W = X.shape[-2:]
+        checker = (np.add.outer(np.arange(H), np.arange(W)) % 2) * 2.0 - 1.0  # +-1
+        X = np.clip(X + _LSB_AMPLITUDE * checker.astype(np.float32), 0.0, 1.0)
+    else:  # brightness
+        X = np.clip(X * 0.5 + 0.5, 0.0, 1.0)
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+def _make_add_artifact(artifact, mask, image_size):
+    """The ``add_artifact(X, return_mask=False)`` function returned by make_artifact_digits."""
+
+    def add_artifact(X, return_mask=False):
+        """Return a copy of ``X`` (n, 3, H, W) with the artifact inserted in every image.
+
+        ``X`` may be a numpy array or a torch tensor; the result is float32 of the
+        same kind (a tensor on ``X``'s device). ``X`` is never modified. With
+        ``return_mask=True`` returns ``(X_art, masks)``, masks 0/1 ``(n, H, W)``.
+        """
+        is_tensor = isinstance(X, torch.Tensor)
+        arr = X.detach().cpu().numpy() if is_tensor else np.asarray(X)
+        if arr.ndim != 4 or arr.shape[1] != 3 or arr.shape[2:] != (image_size, image_size):
+            raise ValueError(
+                f"add_artifact expects images of shape (n, 3, {image_size}, {image_size}), "
+                f"got shape {arr.shape}.")
+        out = _insert(arr, artifact, mask)
+        masks = np.repeat(mask[None], arr.shape[0], axis=0)
+        if is_tensor:
+            out = torch.from_numpy(out).to(X.device)
+            masks = torch.from_numpy(masks).to(X.device)
+        return (out, masks) if return_mask else out
+
+    return add_artifact
+
+
+def make_artifact_digits(target_class=0, p=0.3, artifact="patch", image_size=28, test_size=0.3,
+                         random_state=None):
+    """Digits with an artifact in a fraction ``p`` of one class (controlled Clever-Hans setting).
+
+    sklearn's 1,797 bundled digits are upsampled to ``image_size`` pixels, replicated
+    to three (grey) channels and split (stratified) into a train and a test split.
+    In the train split a fraction ``p`` of the images of ``target_class`` get the
+    artifact; no other image does. The test split is clean; ``add_artifact``
+    poisons any set (the "attacked" test set).
+
+    Parameters
+    ----------
+    target_class : int in 0..9, default=0
+        The class whose images carry the artifact.
+    p : float in [0, 1], default=0.3
+        Fraction of the training images of ``target_class`` with the artifact
+        (``round(p * n_target)`` images).
+    artifact : {"patch", "timestamp", "lsb", "brightness"}, default="patch"
+        ``"patch"``: a saturated red square (side ``image_size // 5``) in the
+        bottom-right corner; ``"timestamp"``: small yellow text in the top-left
+        corner; ``"lsb"``: a faint (amplitude 0.1) checkerboard over the whole
+        image; ``"brightness"``: the whole image brightened, ``x * 0.5 + 0.5``.
+    image_size : int >= 8, default=28
+        Height and width of the images (bilinear upsampling of the 8x8 digits).
+    test_size : float in (0, 1), default=0.3
+        Fraction of the digits in the test split.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the split and the choice of poisoned images.
+
+    Returns
+    -------
+    data : :class:`~sklearn.utils.Bunch`
+        - ``X`` : float32 ``(n, 3, H, W)`` in [0, 1], ``y`` : int64 ``(n,)``,
+          ``concept`` : int64 0/1 artifact presence, ``masks`` : float32 0/1
+          ``(n, H, W)``, where the artifact was inserted (zeros for clean images);
+        - ``X_test``, ``y_test`` (clean), ``concept_test`` (zeros),
+          ``masks_test`` (zeros);
+        - ``add_artifact(X, return_mask=False)`` : returns a float32 copy of
+          ``X`` (numpy array or torch tensor, ``(n, 3, H, W)``) with the artifact
+          in every image, never modifying ``X``; with ``return_mask=True``
+          returns ``(X_art, masks)``;
+        - ``artifact_mask`` (the ``(H, W)`` mask of one image), ``target_class``,
+          ``p``, ``artifact``, ``DESCR``.
+
+    See Also
+    --------
+    make_colored_digits : A colour spuriously correlated with every class.
+
+    Examples
+    --------
+    >>> from skdebias.datasets import make_artifact_digits
+    >>> data = make_artifact_digits(target_class=0, p=0.3, artifact="patch", random_state=0)
+    >>> data.X.shape, int(data.concept.sum()), set(data.y[data.concept == 1].tolist())
+    ((1257, 3, 28, 28), 37, {0})
+    >>> X_attacked = data.add_artifact(data.X_test)  # the "attacked" test set
+    >>> X_attacked.shape == data.X_test.shape
+    True
+    """
+    if (not isinstance(target_class, numbers.Integral) or isinstance(target_class, bool)
+            or not 0 <= target_class <= 9):
+        raise ValueError(f"target_class must be an integer in 0..9, got {target_class!r}.")
+    p = _check_fraction("p", p)
+    if not isinstance(artifact, str) or artifact not in ARTIFACTS:
+        raise ValueError(f"artifact must be one of {ARTIFACTS}, got {artifact!r}.")
+    image_size = _check_image_size(image_size)
+    test_size = _check_test_size(test_size)
+    rng = check_random_state(random_state)
+    g_tr, y_tr, g_te, y_te = _split(image_size, test_size, rng)
+    mask = _artifact_mask(artifact, image_size)
+
+    X = np.repeat(g_tr[:, None], 3, axis=1)
+    target_idx = np.flatnonzero(y_tr == target_class)
+    n_art = int(round(p * len(target_idx)))
+    chosen = np.sort(rng.choice(target_idx, size=n_art, replace=False))
+    concept = np.zeros(len(y_tr), dtype=np.int64)
+    concept[chosen] = 1
+    masks = np.zeros((len(y_tr), image_size, image_size), dtype=np.float32)
+    if n_art:
+        X[chosen] = _insert(X[chosen], artifact, mask)
+        masks[chosen] = mask
+    return Bunch(
+        X=X, y=y_tr, concept=concept, masks=masks,
+        X_test=np.repeat(g_te[:, None], 3, axis=1), y_test=y_te,
+        concept_test=np.zeros(len(y_te), dtype=np.int64),
+        masks_test=np.zeros((len(y_te), image_size, image_size), dtype=np.float32),
+        add_artifact=_make_add_artifact(artifact, mask, image_size), artifact_mask=mask.copy(),
+        target_class=int(target_class), p=p, artifact=artifact,
+        DESCR=(f"Artifact digits: sklearn's bundled digits upsampled to {image_size}x{image_size}, "
+               f"grey in 3 channels; artifact {artifact!r} inserted in {n_art} of "
+               f"{len(target_idx)} training images of class {target_class} (p={p}); "
+               f"{len(y_te)} clean test images; add_artifact(X) poisons any set."),
+    )
