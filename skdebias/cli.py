@@ -151,7 +151,8 @@ def main(argv=None):
     audit.add_argument("--model", required=True, help="file saved with torch.save(module)")
     audit.add_argument("--images", required=True, help="ImageFolder-style directory of labelled images")
     audit.add_argument("--concept", required=True,
-                       help="directory with two sub-folders: images without / with the concept")
+                       help="directory with two sub-folders; the second in sorted order (e.g. "
+                            "'absent', 'present') holds the images with the concept")
     audit.add_argument("--layer", required=True)
     audit.add_argument("--image-size", type=int, default=None)
     audit.add_argument("--device", default="auto")

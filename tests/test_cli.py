@@ -85,7 +85,7 @@ def test_audit_on_generated_folders(tmp_path, capsys):
             a[20:26, 20:26] = [255, 0, 0]
         return a
 
-    _write_pngs(tmp_path / "concept", ["without", "with"], 6, img)
+    _write_pngs(tmp_path / "concept", ["absent", "present"], 6, img)
     _write_pngs(tmp_path / "images", ["a", "b"], 4, img)
     torch.manual_seed(0)
     torch.save(SmallCNN(n_classes=2), tmp_path / "m.pt")
@@ -94,7 +94,7 @@ def test_audit_on_generated_folders(tmp_path, capsys):
     assert [r["class"] for r in res["rows"]] == ["a", "b"]
     # class "b" images carry the concept, so they score higher along the CAV
     assert res["rows"][1]["mean concept score"] > res["rows"][0]["mean concept score"]
-    assert "Concept 'with'" in capsys.readouterr().out
+    assert "Concept 'present'" in capsys.readouterr().out
     torch.save({"not": "a module"}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not hold a torch.nn.Module"):
         run_audit(str(tmp_path / "bad.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
