@@ -163,7 +163,8 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
                 "CAVEstimator requires y to be passed, but the target y is None: concept_labels "
                 "(0/1 per sample) are required to fit a CAV."
             )
-        A, t = validate_data(self, A, concept_labels, dtype=np.float64, y_numeric=False)
+        A, t = validate_data(self, A, concept_labels, dtype=(np.float64, np.float32),
+                             y_numeric=False)
         sw = None
         if sample_weight is not None:
             sw = _check_sample_weight(sample_weight, A, dtype=np.float64)
@@ -184,14 +185,15 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
                 f"{len(self.classes_)}."
             )
 
-        self.mean_ = np.average(A, axis=0, weights=sw)
-        self.class_means_ = np.stack(
-            [np.average(A[t_idx == k], axis=0, weights=None if sw is None else sw[t_idx == k])
-             for k in (0, 1)]
-        )
+        # one pass of matrix-vector products (no centred copy of A): per-class weighted sums
+        w_s = np.ones(A.shape[0]) if sw is None else sw
+        onehot = np.stack([w_s * (t_idx == 0), w_s * (t_idx == 1)]).astype(A.dtype)
+        totals = onehot.sum(axis=1)
+        self.class_means_ = (onehot @ A).astype(np.float64) / totals[:, None]
+        self.mean_ = totals @ self.class_means_ / totals.sum()
         self.n_iter_ = 1
         if self.method == "pattern":
-            w = self._pattern(A, t_idx.astype(np.float64), sw)
+            w = self._pattern(A, t_idx, sw)
         elif self.method == "mean_diff":
             w = self.class_means_[1] - self.class_means_[0]
         else:
@@ -202,11 +204,16 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
         return self
 
     @staticmethod
-    def _pattern(A, t, sw):
-        w_s = np.ones_like(t) if sw is None else sw
+    def _pattern(A, t_idx, sw):
+        """``cov(A, t) / var(t)``: one matrix-vector product, no centred copy of ``A``.
+
+        ``sum_i w_i (t_i - t_bar)(a_i - a_bar) = sum_i w_i (t_i - t_bar) a_i`` because the
+        weighted deviations of t sum to zero.
+        """
+        w_s = np.ones(len(t_idx)) if sw is None else sw
+        t = t_idx.astype(np.float64)
         t_c = t - np.average(t, weights=w_s)
-        A_c = A - np.average(A, axis=0, weights=w_s)
-        return (A_c * (w_s * t_c)[:, None]).sum(axis=0) / np.sum(w_s * t_c ** 2)
+        return ((w_s * t_c).astype(A.dtype) @ A).astype(np.float64) / np.sum(w_s * t_c ** 2)
 
     def _filter(self, A, t_idx, sw):
         from sklearn.linear_model import Lasso, LogisticRegression, RidgeClassifier
@@ -249,8 +256,8 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
     def transform(self, A):
         """Projection of ``A - mean_`` on ``cav_``, shape ``(n_samples, 1)``."""
         check_is_fitted(self, "cav_")
-        A = validate_data(self, A, dtype=np.float64, reset=False)
-        return ((A - self.mean_) @ self.cav_)[:, None]
+        A = validate_data(self, A, dtype=(np.float64, np.float32), reset=False)
+        return (A @ self.cav_ - self.mean_ @ self.cav_)[:, None]
 
     def decision_function(self, A):
         """Signed distance along ``cav_`` from the midpoint of the two class means."""

@@ -68,6 +68,8 @@ def test_pattern_equals_mean_difference():
     p = CAVEstimator(method="pattern").fit(A, t).cav_
     m = CAVEstimator(method="mean_diff").fit(A, t).cav_
     w = A[t == 1].mean(0) - A[t == 0].mean(0)
+    cov = ((A - A.mean(0)) * (t - t.mean())[:, None]).sum(0) / ((t - t.mean()) ** 2).sum()
+    np.testing.assert_allclose(cov, w, atol=1e-12)
     np.testing.assert_allclose(p, m, atol=1e-12)
     np.testing.assert_allclose(p, w / np.linalg.norm(w), atol=1e-12)
 
