@@ -1,0 +1,75 @@
+"""CUDA path check: the same numbers on the GPU as on the CPU, and the time each takes.
+
+Skipped (exit 0, JSON says so) on machines without CUDA. With a GPU it compares, for SmallCNN on
+artifact digits: activation extraction (max abs difference, CAV cosine) and, when the correction
+module is present, one GradientPenaltyCorrector fit (accuracy and concept sensitivity).
+
+Run: .venv/bin/python benchmarks/cuda_check.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from _common import emit
+
+from skdebias import ActivationExtractor, CAVEstimator
+from skdebias.datasets import make_artifact_digits
+from skdebias.models import SmallCNN, make_classifier
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("No CUDA device: CUDA path check skipped.")
+        emit("cuda_check", [], "CUDA path check", extra={"skipped": "no CUDA device"})
+        return
+    data = make_artifact_digits(target_class=0, p=0.3, random_state=0)
+    net = make_classifier(SmallCNN, max_epochs=4, lr=2e-3, device="cpu", random_state=0).fit(data.X, data.y)
+    rows = []
+    acts = {}
+    for device in ("cpu", "cuda"):
+        ext = ActivationExtractor(net, "features.6", batch_size=256, device=device).fit(data.X[:2])
+        ext.transform(data.X[:256])  # warm-up
+        acts[device], sec = timed(lambda: ext.transform(data.X))
+        rows.append({"step": "extraction", "device": device, "seconds": sec})
+    in_class = data.y == 0
+    cavs = {d: CAVEstimator().fit(a[in_class], data.concept[in_class]).cav_ for d, a in acts.items()}
+    diff = float(np.abs(acts["cpu"] - acts["cuda"]).max())
+    cos = float(cavs["cpu"] @ cavs["cuda"])
+    rows.append({"step": "extraction max |cpu - cuda|", "device": "-", "seconds": diff})
+    rows.append({"step": "pattern CAV cos(cpu, cuda)", "device": "-", "seconds": cos})
+    try:
+        from skdebias import GradientPenaltyCorrector
+    except ImportError:
+        GradientPenaltyCorrector = None
+    if GradientPenaltyCorrector is not None:
+        for device in ("cpu", "cuda"):
+            corr = GradientPenaltyCorrector(net, layer="features.6", penalty=10.0, max_epochs=1,
+                                            device=device, random_state=0)
+            _, sec = timed(lambda: corr.fit(data.X, data.y, concept_labels=data.concept))
+            rows.append({"step": "RR-ClArC fit (1 epoch)", "device": device, "seconds": sec,
+                         "test acc": float(np.mean(corr.predict(data.X_test) == data.y_test))})
+    emit("cuda_check", rows, f"CUDA path check on {torch.cuda.get_device_name(0)}",
+         extra={"max_abs_diff": diff, "cav_cos": cos})
+    assert diff < 1e-3 and cos > 0.999, "CPU and CUDA disagree"
+
+
+if __name__ == "__main__":
+    main()
