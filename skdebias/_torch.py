@@ -34,6 +34,10 @@ __all__ = [
     "as_tensor",
     "set_seed",
     "progress_bar",
+    "predict_proba",
+    "copy_estimator",
+    "last_linear",
+    "limit_threads",
 ]
 
 
@@ -121,6 +125,20 @@ def find_layer(module: nn.Module, name: str) -> nn.Module:
     )
 
 
+def last_linear(module: nn.Module, param: str = "layer") -> str:
+    """Name of the last :class:`torch.nn.Linear` sub-module (in registration order).
+
+    ``param`` names the estimator parameter a user can set instead; it appears
+    in the error raised when the network has no linear layer.
+    """
+    names = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(
+            f"The network has no torch.nn.Linear layer to use by default; pass {param}='<name>' "
+            "(see dict(module.named_modules())).")
+    return names[-1]
+
+
 def copy_module(module: nn.Module) -> nn.Module:
     """Deep copy of ``module`` that shares nothing with the original.
 
@@ -154,22 +172,39 @@ class _StopForward(Exception):
 
 
 @contextlib.contextmanager
-def capture_output(layer: nn.Module, detach: bool = True, stop: bool = False):
+def capture_output(layer: nn.Module, detach: bool = True, stop: bool = False,
+                   capture_input: bool = False, requires_grad: bool = False):
     """Record the output of ``layer`` during forward passes.
 
     Yields a list; each forward through ``layer`` appends its output tensor.
+    With ``capture_input=True`` the (first) input of ``layer`` is recorded
+    instead, e.g. the features entering a linear head.
     With ``stop=True`` the forward pass is aborted right after ``layer``
     (wrap the call in :func:`stop_after`). The hook is removed on exit, also
     when an exception is raised.
+    With ``requires_grad=True`` (output capture, ``detach=False``) a tensor
+    output that is not part of an autograd graph (e.g. all earlier layers
+    frozen) is recorded, while gradients are enabled, as a leaf that requires
+    grad (the forward goes on from it), so ``torch.autograd.grad(f, store[-1])``
+    works downstream.
     """
     store: list[torch.Tensor] = []
 
-    def hook(_module, _inputs, output):
+    def hook(_module, inputs, output):
+        raw = output
+        if capture_input:
+            output = inputs
         if isinstance(output, (tuple, list)):
             output = output[0]
+        replaced = None
+        if (requires_grad and not capture_input and isinstance(raw, torch.Tensor)
+                and torch.is_grad_enabled() and not raw.requires_grad):
+            output = output.detach().requires_grad_(True)
+            replaced = output.clone()  # the forward goes on with a copy: in-place ops are safe
         store.append(output.detach() if detach else output)
         if stop:
             raise _StopForward
+        return replaced
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -291,3 +326,64 @@ def progress_bar(iterable, enabled: bool, total=None, desc=None):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc)
+
+
+def predict_proba(estimator, X, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities of a network for ``X`` as float32 ``(n, n_classes)``.
+
+    A skorch net uses its own ``predict_proba`` (and output nonlinearity); a
+    :class:`torch.nn.Module` is assumed to output logits: softmax of its output,
+    computed in eval mode without gradients, in batches, on the device its
+    parameters live on (the module is not moved and its train/eval flags are
+    restored).
+    """
+    if _is_skorch_net(estimator):
+        return np.asarray(estimator.predict_proba(X), dtype=np.float32)
+    module = get_module(estimator)
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    out = []
+    with preserve_mode(module, train=False), torch.no_grad():
+        for xb in iter_batches(X, batch_size=batch_size, device=device):
+            out.append(torch.softmax(module(xb), dim=1).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def copy_estimator(estimator, device=None):
+    """Deep copy of a network for a corrector: ``(copy, module)``.
+
+    A skorch ``NeuralNet`` is deep-copied (and initialised if needed), so the
+    copy keeps ``predict``/``predict_proba`` and ``classes_``; a module is copied
+    with :func:`copy_module`. With ``device`` given, the copy's module is moved
+    there (and a skorch copy's ``device`` set). The caller's object is untouched.
+    """
+    if _is_skorch_net(estimator):
+        net = copy.deepcopy(estimator)
+        if not getattr(net, "initialized_", False):
+            net.initialize()
+        if device is not None:
+            net.module_.to(device)
+            net.device = str(device)
+        return net, net.module_
+    module = copy_module(get_module(estimator))
+    if device is not None:
+        module = module.to(device)
+    return module, module
+
+
+@contextlib.contextmanager
+def limit_threads(n: int = 1):
+    """Run the block with at most ``n`` intra-op CPU threads, restoring the setting after.
+
+    For loops over many tiny tensor operations (e.g. training a linear head on
+    extracted features): on a busy machine each multi-threaded call of a tiny
+    op can cost milliseconds of thread synchronisation, 100x its compute.
+    """
+    before = torch.get_num_threads()
+    if before > n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 import scipy.sparse as sp
@@ -10,6 +9,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from ._validation import check_int
 from ._torch import (
     capture_output,
     copy_module,
@@ -52,11 +52,6 @@ def pool_activations(a: torch.Tensor, pooling) -> torch.Tensor:
 def _check_pooling(pooling):
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r} is not valid; choose one of {POOLINGS}.")
-
-
-def _check_positive_int(name, value):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _check_input(X, name="X"):
@@ -171,7 +166,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
         self : ActivationExtractor
         """
         _check_pooling(self.pooling)
-        _check_positive_int("batch_size", self.batch_size)
+        check_int("batch_size", self.batch_size)
         self.device_ = resolve_device(self.device)
         X, self.input_shape_ = _check_input(X)
         if self.input_shape_ is not None and len(self.input_shape_) == 1:
