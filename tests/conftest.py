@@ -44,6 +44,37 @@ def colored_net(colored_data):
     return net.fit(colored_data.X, colored_data.y)
 
 
+def _colored95(mode, epochs):
+    from sklearn.model_selection import train_test_split
+    from sklearn.utils import Bunch
+
+    from skdebias.datasets import make_colored_digits
+    from skdebias.models import SmallCNN, make_classifier
+
+    data = make_colored_digits(rho=0.95, mode=mode, random_state=0)
+    net = make_classifier(SmallCNN, max_epochs=epochs, lr=2e-3, device="cpu", random_state=0)
+    net.fit(data.X, data.y)
+    val, test = train_test_split(np.arange(len(data.y_test)), test_size=0.5,
+                                 stratify=data.y_test, random_state=0)
+    return Bunch(data=data, net=net, val=val, test=test)
+
+
+@pytest.fixture(scope="session")
+def colored95_bg():
+    """Colored digits at rho=0.95 (background colour) and a vanilla SmallCNN (8 epochs), with a
+    stratified 50/50 split of the unbiased test split into ``val`` and ``test`` indices.
+    A Bunch: data, net, val, test."""
+    return _colored95("background", 8)
+
+
+@pytest.fixture(scope="session")
+def colored95_fg():
+    """As ``colored95_bg`` with the foreground (stroke) colour and 20 epochs (about 10 s): the
+    longer-trained net has penultimate features with enough shape information for head
+    fine-tuning."""
+    return _colored95("foreground", 20)
+
+
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)

@@ -1,0 +1,292 @@
+"""A-ClArC and P-ClArC: class artifact compensation along a CAV.
+
+Anders et al. 2022 (ClArC) with the CAV of Pahde et al. 2023. With
+``mu_clean = mean v . maxpool(a)`` over samples without the artifact and
+``mu_art`` over samples with it:
+
+- P-ClArC (projective) inserts ``a' = a + (mu_clean - v . maxpool(a)) v`` at the
+  layer: every sample is moved to the clean reference along the CAV, so the
+  artifact component no longer reaches the layers after it;
+- A-ClArC (augmentative) applies the same shift towards ``mu_art`` while it
+  fine-tunes the layers after the CAV layer (the network learns to ignore the
+  direction), then removes the shift.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._torch import find_layer, set_seed
+from .._validation import check_choice, check_int
+from ..extraction import pool_activations
+from ._base import (
+    _CAVCorrector,
+    _CorrectionNet,
+    build_net,
+    resolve_train_layers,
+    training_data,
+)
+
+__all__ = ["ClassArtifactCompensator", "ConceptCompensation", "CompensatedLayer", "CLARC_MODES"]
+
+CLARC_MODES = ("projective", "augmentative")
+
+
+class ConceptCompensation(nn.Module):
+    """Move activations to a reference value along a direction: ``a + (r - v . maxpool(a)) v``.
+
+    The shift is the same at every spatial position, so after it
+    ``v . maxpool(a') = r`` for a unit ``v``. ``v`` and ``r`` are buffers: they
+    travel with ``state_dict``, ``torch.save`` and ``.to(device)``.
+
+    Parameters
+    ----------
+    cav : array-like of shape (C,)
+        Direction; normalised to unit length.
+    reference : float
+        Target value of ``v . maxpool(a)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdebias.correction import ConceptCompensation
+    >>> comp = ConceptCompensation([1.0, 0.0], reference=0.5)
+    >>> a = torch.tensor([[[[3.0, 1.0]], [[2.0, 2.0]]]])  # (1, 2, 1, 2)
+    >>> comp(a)[0, :, 0].tolist()
+    [[0.5, -1.5], [2.0, 2.0]]
+    """
+
+    def __init__(self, cav, reference=0.0):
+        super().__init__()
+        v = torch.as_tensor(np.asarray(cav, dtype=np.float32)).reshape(-1)
+        self.register_buffer("cav", v / v.norm())
+        self.register_buffer("reference", torch.tensor(float(reference), dtype=torch.float32))
+
+    def forward(self, a):
+        if not isinstance(a, torch.Tensor) or a.ndim < 2 or a.shape[1] != self.cav.shape[0]:
+            raise ValueError(
+                f"ConceptCompensation expects activations (B, {self.cav.shape[0]}, ...), got "
+                f"{tuple(getattr(a, 'shape', ()))}.")
+        v = self.cav.to(a.dtype)
+        pooled = pool_activations(a, "max")  # (B, C)
+        shift = self.reference.to(a.dtype) - pooled @ v  # (B,)
+        extra = (1,) * (a.ndim - 2)
+        return a + shift.reshape(-1, 1, *extra) * v.reshape(1, -1, *extra)
+
+    def extra_repr(self):
+        return f"channels={self.cav.shape[0]}, reference={float(self.reference):.4g}"
+
+
+class CompensatedLayer(nn.Module):
+    """``compensation(layer(x))``: a layer followed by a :class:`ConceptCompensation`.
+
+    The original layer keeps its parameters under ``<name>.layer``; its
+    uncompensated output is the output of that sub-module.
+    """
+
+    def __init__(self, layer, compensation):
+        super().__init__()
+        self.layer = layer
+        self.compensation = compensation
+
+    def forward(self, *args, **kwargs):
+        return self.compensation(self.layer(*args, **kwargs))
+
+
+def _replace(root, name, new):
+    """Put ``new`` where the sub-module ``name`` is; return the old one."""
+    old = find_layer(root, name)
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+    return old
+
+
+class ClassArtifactCompensator(_CAVCorrector):
+    """A-/P-ClArC: compensate a concept (artifact) direction at a layer of a copy of a network.
+
+    ``mode="projective"`` (P-ClArC) replaces ``layer`` in a deep copy of the
+    network by ``CompensatedLayer(layer, ConceptCompensation(cav, mu_clean))``:
+    every sample is moved to the clean reference along the CAV. With
+    ``max_epochs > 0`` the layers after it are also fine-tuned with the
+    compensation in place.
+
+    ``mode="augmentative"`` (A-ClArC) inserts the shift towards the artifact
+    reference ``mu_art``, fine-tunes the layers after the CAV layer for
+    ``max_epochs`` (>= 1) with cross-entropy, then removes the shift: the result
+    is the original architecture with new weights.
+
+    The corrected network is an ordinary ``nn.Module`` (no hooks): it survives
+    ``pickle``, ``copy.deepcopy``, ``torch.save``/``torch.load`` and skorch
+    ``save_params``/``load_params``.
+
+    Parameters
+    ----------
+    estimator : torch.nn.Module or skorch.NeuralNet
+        The network; it must output logits.
+    layer : str
+        Layer where the compensation is inserted.
+    cav : CAVEstimator, array-like of shape (n_channels,) or None, default=None
+        As in :class:`GradientPenaltyCorrector`.
+    mode : {"projective", "augmentative"}, default="projective"
+    max_epochs : int >= 0, default=0
+        Fine-tuning epochs (``"augmentative"`` needs at least 1).
+    reference : float or None, default=None
+        Reference value of ``v . maxpool(a)``; ``None`` takes ``mu_clean``
+        (projective) or ``mu_art`` (augmentative) from the labelled samples,
+        which then need concept labels of both kinds.
+    lr, batch_size, optimizer, train_layers, callbacks, train_split, net_params, device,
+    random_state, verbose
+        Fine-tuning settings, as in :class:`GradientPenaltyCorrector`.
+
+    Attributes
+    ----------
+    estimator_ : skorch.NeuralNetClassifier
+        The corrected network.
+    module_ : torch.nn.Module
+        ``estimator_.module_``.
+    cav_ : ndarray of shape (n_channels,)
+    cav_estimator_ : CAVEstimator or None
+    mu_clean_, mu_artifact_ : float or None
+        Mean ``v . maxpool(a)`` of the labelled samples without / with the concept
+        (``None`` without concept labels).
+    reference_ : float
+        The value the compensation moves to.
+    measure_layer_ : str
+        Layer of ``module_`` whose output is the uncompensated activation at
+        ``layer`` (``"<layer>.layer"`` in projective mode): concept sensitivity
+        measured there shows the effect of the compensation.
+    classes_ : ndarray
+    trainable_params_ : list of str
+
+    See Also
+    --------
+    GradientPenaltyCorrector : RR-ClArC.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdebias.correction import ClassArtifactCompensator
+    >>> from skdebias.models import SmallCNN
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.rand(40, 3, 28, 28).astype("float32")
+    >>> y, c = rng.randint(0, 10, 40), np.arange(40) % 2
+    >>> pclarc = ClassArtifactCompensator(SmallCNN(), layer="features.6", device="cpu")
+    >>> pclarc.fit(X, y, concept_labels=c).measure_layer_
+    'features.6.layer'
+    """
+
+    def __init__(self, estimator, layer, cav=None, mode="projective", max_epochs=0,
+                 reference=None, lr=1e-4, batch_size=64, optimizer=torch.optim.SGD,
+                 train_layers="after", callbacks=None, train_split=None, net_params=None,
+                 device="auto", random_state=None, verbose=0):
+        self.estimator = estimator
+        self.layer = layer
+        self.cav = cav
+        self.mode = mode
+        self.max_epochs = max_epochs
+        self.reference = reference
+        self.lr = lr
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.train_layers = train_layers
+        self.callbacks = callbacks
+        self.train_split = train_split
+        self.net_params = net_params
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _check_params(self):
+        check_choice("mode", self.mode, CLARC_MODES)
+        check_int("max_epochs", self.max_epochs, low=0)
+        if self.mode == "augmentative" and self.max_epochs < 1:
+            raise ValueError(
+                "mode='augmentative' fine-tunes the layers after the CAV layer with the artifact "
+                f"shift: set max_epochs >= 1 (got {self.max_epochs}).")
+        if self.reference is not None and (
+                not isinstance(self.reference, numbers.Real) or isinstance(self.reference, bool)
+                or not np.isfinite(self.reference)):
+            raise ValueError(f"reference must be a finite number or None, got {self.reference!r}.")
+
+    def fit(self, X, y, concept_labels=None):
+        """Fit the CAV and the references, insert the compensation, fine-tune if asked.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, C, H, W), tensor or Dataset
+        y : array-like of shape (n_samples,)
+        concept_labels : array-like of shape (n_samples,), optional
+            1 / 0 for samples with / without the concept, -1 for samples not
+            used for the CAV and the references. Required unless ``cav`` is a
+            vector and ``reference`` is given.
+
+        Returns
+        -------
+        self : ClassArtifactCompensator
+        """
+        self._check_params()
+        vector_cav = self.cav is not None and not hasattr(self.cav, "fit")
+        need = not (vector_cav and self.reference is not None)
+        ctx = self._prepare(X, y, concept_labels, require_concepts=need)
+        module, A, t = ctx["module"], ctx["A"], ctx["t"]
+        self.mu_clean_ = self.mu_artifact_ = None
+        if A is not None:
+            proj = A.astype(np.float64) @ self.cav_.astype(np.float64)
+            if np.any(t == 0):
+                self.mu_clean_ = float(proj[t == 0].mean())
+            if np.any(t == 1):
+                self.mu_artifact_ = float(proj[t == 1].mean())
+        if self.reference is not None:
+            self.reference_ = float(self.reference)
+        else:
+            self.reference_ = self.mu_clean_ if self.mode == "projective" else self.mu_artifact_
+        trainable, eval_modules = resolve_train_layers(module, self.layer, self.train_layers,
+                                                       ctx["before"])
+        if self.max_epochs > 0 and not trainable:
+            raise ValueError(
+                f"train_layers={self.train_layers!r} leaves no parameter to train for layer "
+                f"{self.layer!r}; choose an earlier layer or train_layers='all'.")
+        original = find_layer(module, self.layer)
+        compensated = CompensatedLayer(original, ConceptCompensation(self.cav_, self.reference_))
+        compensated.to(ctx["device"])
+        _replace(module, self.layer, compensated)
+        eval_modules = [self._renamed(m) for m in eval_modules]
+        net = build_net(_CorrectionNet, module, self, self.max_epochs,
+                        extra=dict(eval_modules=eval_modules))
+        set_seed(self.random_state)
+        if self.max_epochs > 0:
+            net.fit(training_data(ctx["X"], ctx["y_idx"]), ctx["y_idx"])
+        else:
+            net.initialize()
+        if self.mode == "augmentative":
+            _replace(net.module_, self.layer, original)
+            net.eval_modules = eval_modules_without_wrapper(eval_modules, self.layer)
+            self.measure_layer_ = self.layer
+        else:
+            self.measure_layer_ = f"{self.layer}.layer"
+        self.trainable_params_ = [self._renamed(p) if self.mode == "projective" else p
+                                  for p in trainable]
+        self.estimator_ = net
+        return self
+
+    def _renamed(self, name):
+        """Name of a module/parameter of the original network once the layer is wrapped."""
+        if name == self.layer or name.startswith(self.layer + "."):
+            return f"{self.layer}.layer{name[len(self.layer):]}"
+        return name
+
+
+def eval_modules_without_wrapper(eval_modules, layer):
+    """Module names after the compensation is removed again (``<layer>.layer`` -> ``<layer>``)."""
+    prefix = f"{layer}.layer"
+    out = []
+    for name in eval_modules:
+        if name == prefix or name.startswith(prefix + "."):
+            name = layer + name[len(prefix):]
+        out.append(name)
+    return out
