@@ -1,0 +1,580 @@
+"""Fast Model Debiasing (FMD): influence-guided Newton unlearning on the last linear layer.
+
+Chen et al., "Fast Model Debias with Machine Unlearning", NeurIPS 2023. With
+counterfactual pairs ``(x, x_cf)`` that differ only in the bias attribute, the
+bias is ``B = mean_i |p_y(x_i) - p_y(x_cf_i)|``. The last linear layer
+``theta = [W | b]`` (``K x (d + 1)``) is updated by Newton steps
+``theta <- theta + H^{-1} sum_k (grad L(z_k) - grad L(z_cf_k))`` over the pairs
+whose swap is predicted (by influence) to lower ``B``, with the exact damped
+Hessian of the softmax cross-entropy of that layer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from .._torch import (
+    capture_output,
+    copy_estimator,
+    find_layer,
+    last_linear,
+    iter_batches,
+    n_samples,
+    predict_proba,
+    preserve_mode,
+    progress_bar,
+    resolve_device,
+)
+from .._validation import check_int, check_real
+from ..extraction import _check_input
+
+__all__ = ["FastModelDebiaser", "softmax_cross_entropy_hessian"]
+
+#: Largest number of last-layer parameters ``K * (d + 1)`` for the exact Hessian.
+MAX_HESSIAN_SIZE = 12_000
+
+
+# ------------------------------------------------------------------ linear-layer algebra
+def _augment(F):
+    """Features with a trailing column of ones (for the bias of the layer)."""
+    return torch.cat([F, F.new_ones(F.shape[0], 1)], dim=1)
+
+
+def _probs(theta, Fa):
+    return torch.softmax(Fa @ theta.T, dim=1)
+
+
+def softmax_cross_entropy_hessian(features, weight, bias=None, damping=0.0):
+    """Exact Hessian of the summed softmax cross-entropy of a linear layer.
+
+    For logits ``z_i = W x_i + b`` and ``p_i = softmax(z_i)``, with parameters
+    ``theta = [W | b]`` flattened row by row (``theta[k * (d + 1) + j]`` is
+    ``W[k, j]``, and ``j = d`` the bias ``b[k]``) and ``x~_i = [x_i, 1]``::
+
+        H = sum_i (diag(p_i) - p_i p_i^T) kron (x~_i x~_i^T) + damping * n * I
+
+    It does not depend on the labels. Built in ``O(n (K (d + 1))^2)`` as
+    ``blockdiag_k(X~^T diag(p_k) X~) - Q^T Q`` with ``Q_i = p_i kron x~_i``.
+
+    Parameters
+    ----------
+    features : torch.Tensor of shape (n, d)
+        Inputs of the layer.
+    weight : torch.Tensor of shape (K, d)
+    bias : torch.Tensor of shape (K,) or None
+        ``None`` for a layer without bias: the Hessian is then over ``W`` only
+        (``K * d`` parameters).
+    damping : float >= 0, default=0.0
+        ``lambda``; ``lambda * n`` is added to the diagonal.
+
+    Returns
+    -------
+    H : torch.Tensor of shape (P, P), float64, ``P = K (d + 1)`` (or ``K d``)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdebias.correction import softmax_cross_entropy_hessian
+    >>> H = softmax_cross_entropy_hessian(torch.randn(5, 3), torch.randn(4, 3), torch.zeros(4))
+    >>> H.shape
+    torch.Size([16, 16])
+    """
+    F = torch.as_tensor(features).detach().to(torch.float64)
+    W = torch.as_tensor(weight).detach().to(torch.float64)
+    if bias is not None:
+        theta = torch.cat([W, torch.as_tensor(bias).detach().to(torch.float64)[:, None]], dim=1)
+        Fa = _augment(F)
+    else:
+        theta, Fa = W, F
+    return _hessian(theta, Fa, float(damping))
+
+
+def _hessian(theta, Fa, damping):
+    """Damped Hessian; built in the dtype of ``Fa`` (float32 internally for speed)."""
+    n, m = Fa.shape
+    K = theta.shape[0]
+    P = _probs(theta, Fa)
+    H = torch.zeros(K * m, K * m, dtype=Fa.dtype, device=Fa.device)
+    for k in range(K):
+        H[k * m:(k + 1) * m, k * m:(k + 1) * m] = (Fa * P[:, k:k + 1]).T @ Fa
+    Q = (P[:, :, None] * Fa[:, None, :]).reshape(n, K * m)
+    H -= Q.T @ Q
+    if damping:
+        H.diagonal().add_(damping * n)
+    return H
+
+
+def _loss_gradients(theta, Fa, y):
+    """Per-sample gradients of the cross-entropy, (n, K * m)."""
+    P = _probs(theta, Fa)
+    R = P.clone()
+    R[torch.arange(len(y)), y] -= 1.0
+    return (R[:, :, None] * Fa[:, None, :]).reshape(len(y), -1)
+
+
+def _bias_and_gradient(theta, Fa, Fa_cf, y):
+    """``B = mean |p_y(x) - p_y(x_cf)|`` and its gradient with respect to theta (flat)."""
+    rows = torch.arange(len(y))
+    P, P_cf = _probs(theta, Fa), _probs(theta, Fa_cf)
+    py, py_cf = P[rows, y], P_cf[rows, y]
+    sign = torch.sign(py - py_cf)
+
+    def grad_py(Pm, py_m, Fam):
+        # d p_y / d theta = p_y (e_y - p) kron x~
+        R = -Pm * py_m[:, None]
+        R[rows, y] += py_m
+        return R[:, :, None] * Fam[:, None, :]
+
+    G = sign[:, None, None] * (grad_py(P, py, Fa) - grad_py(P_cf, py_cf, Fa_cf))
+    return float((py - py_cf).abs().mean()), G.mean(dim=0).reshape(-1)
+
+
+def _evaluate(theta, Fa, Fa_cf, y):
+    """(bias, accuracy on the factual images) of the layer ``theta``."""
+    rows = torch.arange(len(y))
+    P, P_cf = _probs(theta, Fa), _probs(theta, Fa_cf)
+    bias = float((P[rows, y] - P_cf[rows, y]).abs().mean())
+    acc = float((P.argmax(dim=1) == y).double().mean())
+    return bias, acc
+
+
+def _factor(H):
+    """Cholesky factor of the symmetric positive definite ``H`` (``None`` if it is not PD)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    return L if int(info) == 0 else None
+
+
+def _solve(H, L, g):
+    """``H^{-1} g`` with the Cholesky factor ``L`` (least squares when ``L`` is None)."""
+    if L is not None:
+        return torch.cholesky_solve(g.reshape(-1, 1), L).reshape(-1)
+    return torch.linalg.lstsq(H, g.reshape(-1, 1)).solution.reshape(-1)
+
+
+# ------------------------------------------------------------------ validation helpers
+class FastModelDebiaser(ClassifierMixin, BaseEstimator):
+    """Fast Model Debiasing (FMD): remove a bias by unlearning on the last linear layer.
+
+    Given counterfactual pairs ``(X[i], X_cf[i])`` that differ only in the bias
+    attribute (e.g. the same digit in another colour), the bias of the network is
+    ``B = mean_i |p_y(x_i) - p_y(x_cf_i)|``. FMD
+
+    1. records the features entering the last linear layer ``theta = [W | b]``
+       (``K`` classes, ``d`` features) for both images of every pair;
+    2. builds the exact damped Hessian of the softmax cross-entropy of that layer
+       over both images of the fitting pairs,
+       ``H = sum_i (diag(p_i) - p_i p_i^T) kron (x~_i x~_i^T) + damping * n * I``
+       (see :func:`softmax_cross_entropy_hessian`);
+    3. scores each pair by the predicted change of ``B`` when ``x_k`` is unlearnt
+       and ``x_cf_k`` learnt, ``grad B^T H^{-1} (grad L(x_k) - grad L(x_cf_k))``;
+    4. takes the Newton step ``theta <- theta + step_size * H^{-1} sum_k
+       (grad L(x_k) - grad L(x_cf_k))`` over the pairs with a negative score,
+       and accepts it only if the bias on the held-out pairs falls and the
+       accuracy on their factual images stays within ``max_accuracy_drop`` of the
+       original network's; otherwise the step is halved (up to ``max_halvings``
+       times) and the procedure stops when no step is accepted.
+
+    Only the last layer changes, so features are extracted once: the cost is one
+    forward pass over the pairs plus a few ``K (d + 1)``-sized solves (seconds on
+    a CPU). The network is never modified: ``estimator_`` is a copy.
+
+    Parameters
+    ----------
+    estimator : torch.nn.Module or skorch.NeuralNet
+        The network to debias; its last linear layer must output the logits.
+    layer : str or None, default=None
+        Name of the :class:`torch.nn.Linear` layer to update; ``None`` picks the
+        last one.
+    damping : float >= 0, default=1.0
+        ``lambda`` of the damped Hessian (``lambda * n`` added to its diagonal).
+        Larger values give shorter, more gradient-like steps.
+    step_size : float > 0, default=1.0
+        Scale of the first try of every Newton step.
+    max_iter : int >= 1, default=10
+        Maximum number of accepted unlearning steps.
+    max_halvings : int >= 0, default=8
+        How often a rejected step is halved before giving up. After an accepted
+        step the next one starts from twice the accepted length (at most
+        ``step_size``).
+    max_accuracy_drop : float in [0, 1], default=0.02
+        Largest tolerated drop of accuracy on the factual images of the held-out
+        pairs, relative to the original network.
+    refresh_hessian : bool, default=True
+        Rebuild the Hessian at the current parameters before every step (exact
+        Newton steps). ``False`` keeps the Hessian of the original layer (one
+        build and factorisation, as in the one-shot update of the paper).
+    n_pairs : int >= 2, default=500
+        Number of counterfactual pairs used (a random subset when more are given).
+    validation_fraction : float in [0, 1), default=0.2
+        Fraction of the pairs held out for the acceptance test; with ``0`` the
+        fitting pairs are used.
+    counterfactual : callable or None, default=None
+        ``X -> X_cf``, used when ``fit`` gets no ``X_cf``.
+    batch_size : int, default=256
+        Batch size of the feature extraction.
+    device : str or torch.device, default="auto"
+    random_state : int, RandomState instance or None, default=None
+        Seeds the subset of pairs and the held-out split.
+    progress : bool, default=False
+        Show a progress bar over the feature-extraction batches.
+
+    Attributes
+    ----------
+    estimator_ : torch.nn.Module or skorch.NeuralNet
+        The debiased copy of ``estimator``.
+    module_ : torch.nn.Module
+        Its module.
+    layer_ : str
+        Name of the updated linear layer.
+    classes_ : ndarray
+        ``arange(K)``, the network's output indices.
+    bias_before_, bias_after_ : float
+        Bias on the held-out pairs before and after unlearning.
+    accuracy_before_, accuracy_after_ : float
+        Accuracy on the factual images of the held-out pairs.
+    n_steps_ : int
+        Number of accepted unlearning steps.
+    n_iter_ : int
+        Number of unlearning iterations run (accepted or not).
+    history_ : list of dict
+        One entry per tried step: ``step``, ``step_size``, ``n_selected``,
+        ``bias_fit``, ``bias_val``, ``accuracy_val``, ``accepted``.
+    fit_time_ : float
+        Wall time of :meth:`fit` in seconds.
+    n_features_in_ : int
+        Only for 2-d input ``(n, n_features)``.
+
+    See Also
+    --------
+    skdebias.metrics.counterfactual_bias : The bias ``B`` of any network.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skdebias.correction import FastModelDebiaser
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> X = np.random.RandomState(0).randn(60, 4).astype("float32")
+    >>> X_cf = X.copy(); X_cf[:, 3] *= -1          # flip the "bias" feature
+    >>> y = np.random.RandomState(1).randint(0, 3, 60)
+    >>> fmd = FastModelDebiaser(net, random_state=0).fit(X, y, X_cf=X_cf)
+    >>> fmd.bias_after_ <= fmd.bias_before_
+    True
+    """
+
+    def __init__(self, estimator, layer=None, damping=1.0, step_size=1.0, max_iter=10,
+                 max_halvings=8, max_accuracy_drop=0.02, refresh_hessian=True, n_pairs=500,
+                 validation_fraction=0.2, counterfactual=None, batch_size=256, device="auto",
+                 random_state=None, progress=False):
+        self.estimator = estimator
+        self.layer = layer
+        self.damping = damping
+        self.step_size = step_size
+        self.max_iter = max_iter
+        self.max_halvings = max_halvings
+        self.max_accuracy_drop = max_accuracy_drop
+        self.refresh_hessian = refresh_hessian
+        self.n_pairs = n_pairs
+        self.validation_fraction = validation_fraction
+        self.counterfactual = counterfactual
+        self.batch_size = batch_size
+        self.device = device
+        self.random_state = random_state
+        self.progress = progress
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.non_deterministic = False
+        tags.requires_fit = True
+        return tags
+
+    # ---------------------------------------------------------------- validation
+    def _check_params(self):
+        check_real("damping", self.damping, low=0.0)
+        check_real("step_size", self.step_size, low=0.0, low_open=True)
+        check_int("max_iter", self.max_iter)
+        check_int("max_halvings", self.max_halvings, low=0)
+        check_real("max_accuracy_drop", self.max_accuracy_drop, low=0.0)
+        if self.max_accuracy_drop > 1:
+            raise ValueError(
+                f"max_accuracy_drop must be in [0, 1], got {self.max_accuracy_drop!r}.")
+        check_int("n_pairs", self.n_pairs, low=2)
+        check_real("validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True)
+        check_int("batch_size", self.batch_size)
+        if self.counterfactual is not None and not callable(self.counterfactual):
+            raise ValueError(
+                f"counterfactual must be a callable X -> X_cf or None, got {self.counterfactual!r}.")
+
+    def _labels(self, y, n, K, name="y"):
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target {name} is None.")
+        y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y.ravel()
+        if y.ndim != 1 or len(y) != n:
+            raise ValueError(f"{name} must be a 1-d array with {n} labels, got shape {y.shape}.")
+        if not np.issubdtype(y.dtype, np.integer):
+            if (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
+                    and np.all(y == np.round(y))):
+                y = y.astype(np.int64)
+            else:
+                raise ValueError(
+                    f"{name} must hold integer class indices of the network's outputs "
+                    f"(0..{K - 1}), got dtype {y.dtype}.")
+        if len(y) and (y.min() < 0 or y.max() >= K):
+            raise ValueError(
+                f"{name} must hold class indices of the network's outputs in [0, {K - 1}], "
+                f"got values in [{y.min()}, {y.max()}].")
+        return y.astype(np.int64)
+
+    # ---------------------------------------------------------------- features
+    def _features(self, X, indices=None, desc="features"):
+        """Inputs of the last layer (float64, CPU) for ``X`` (optionally a subset)."""
+        layer = find_layer(self.module_, self.layer_)
+        n = n_samples(X) if indices is None else len(indices)
+        batches = iter_batches(X, batch_size=self.batch_size, device=self.device_,
+                               indices=indices)
+        feats = []
+        with preserve_mode(self.module_, train=False), torch.no_grad():
+            for xb in progress_bar(batches, self.progress, total=-(-n // self.batch_size),
+                                   desc=desc):
+                with capture_output(layer, capture_input=True) as store_in, \
+                        capture_output(layer) as store_out:
+                    out = self.module_(xb)
+                if not store_in:
+                    raise RuntimeError(f"Layer {self.layer_!r} was not called in the forward pass.")
+                if not getattr(self, "_checked_output", False):
+                    if out.shape != store_out[-1].shape or not torch.allclose(
+                            out, store_out[-1], rtol=1e-4, atol=1e-5):
+                        raise ValueError(
+                            f"The output of layer {self.layer_!r} is not the network's output: "
+                            "FastModelDebiaser needs the last linear layer to produce the logits.")
+                    self._checked_output = True
+                feats.append(store_in[-1].reshape(store_in[-1].shape[0], -1).to(
+                    device="cpu", dtype=torch.float64))
+        return torch.cat(feats)
+
+    def _check_X(self, X, name="X"):
+        X, shape = _check_input(X, name=name)
+        return X, shape
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, X, y, X_cf=None, y_cf=None):
+        """Unlearn the bias shown by the counterfactual pairs ``(X, X_cf)``.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n, C, H, W) (or (n, n_features))
+            Factual images.
+        y : array-like of shape (n,)
+            Their classes (indices of the network's outputs).
+        X_cf : array-like or tensor of the same shape as ``X``, optional
+            ``X_cf[i]`` is ``X[i]`` with another bias attribute. Required unless
+            ``counterfactual`` is set.
+        y_cf : array-like of shape (n,), optional
+            Classes of the counterfactual images; defaults to ``y`` (a change of the
+            bias attribute keeps the class).
+
+        Returns
+        -------
+        self : FastModelDebiaser
+        """
+        start = time.perf_counter()
+        self._check_params()
+        X, shape = self._check_X(X)
+        if X_cf is None:
+            if self.counterfactual is None:
+                raise ValueError(
+                    "FastModelDebiaser needs counterfactual pairs: pass fit(X, y, X_cf=...) "
+                    "(X_cf[i] = X[i] with another bias attribute) or set counterfactual=callable.")
+            X_cf = self.counterfactual(X)
+        X_cf, shape_cf = self._check_X(X_cf, name="X_cf")
+        n = n_samples(X)
+        if n_samples(X_cf) != n or shape_cf != shape:
+            raise ValueError(
+                f"The counterfactual set must match X (one counterfactual per sample): X has "
+                f"{n} samples of shape {shape}, X_cf has {n_samples(X_cf)} samples of shape "
+                f"{shape_cf}.")
+        if n < 2:
+            raise ValueError(
+                f"FastModelDebiaser needs at least 2 counterfactual pairs, got n_samples={n}.")
+        if shape is not None and len(shape) == 1:
+            self.n_features_in_ = shape[0]
+
+        self.device_ = resolve_device(self.device)
+        self.estimator_, self.module_ = copy_estimator(self.estimator, self.device_)
+        self.layer_ = last_linear(self.module_, "layer") if self.layer is None else self.layer
+        lin = find_layer(self.module_, self.layer_)
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(
+                f"layer={self.layer_!r} is a {type(lin).__name__}; FastModelDebiaser updates a "
+                "torch.nn.Linear layer (layer=None picks the last one).")
+        K, d = lin.out_features, lin.in_features
+        has_bias = lin.bias is not None
+        size = K * (d + int(has_bias))
+        if size > MAX_HESSIAN_SIZE:
+            raise ValueError(
+                f"The layer {self.layer_!r} has {size} parameters; the exact Hessian "
+                f"({size}x{size}) is too large (limit {MAX_HESSIAN_SIZE}). Use a network "
+                "with a smaller head.")
+        self.classes_ = np.arange(K)
+        y = self._labels(y, n, K)
+        y_cf = y if y_cf is None else self._labels(y_cf, n, K, name="y_cf")
+
+        # pairs: a random subset, then a held-out split
+        rng = check_random_state(self.random_state)
+        idx = rng.permutation(n)[:min(n, self.n_pairs)]
+        n_val = int(round(self.validation_fraction * len(idx)))
+        n_val = min(n_val, len(idx) - 1)
+        val_idx, fit_idx = idx[:n_val], idx[n_val:]
+        if n_val == 0:
+            val_idx = fit_idx
+
+        self._checked_output = False
+        all_idx = np.concatenate([fit_idx, val_idx]) if n_val else fit_idx
+        F = _augment(self._features(X, np.sort(all_idx))) if has_bias else \
+            self._features(X, np.sort(all_idx))
+        F_cf = _augment(self._features(X_cf, np.sort(all_idx), desc="counterfactual features")) \
+            if has_bias else self._features(X_cf, np.sort(all_idx), desc="counterfactual features")
+        del self._checked_output
+        pos = {int(i): k for k, i in enumerate(np.sort(all_idx))}
+        fi = torch.as_tensor([pos[int(i)] for i in fit_idx])
+        vi = torch.as_tensor([pos[int(i)] for i in val_idx])
+        Ff, Ff_cf, yf, yf_cf = F[fi], F_cf[fi], torch.as_tensor(y[fit_idx]), \
+            torch.as_tensor(y_cf[fit_idx])
+        Fv, Fv_cf, yv = F[vi], F_cf[vi], torch.as_tensor(y[val_idx])
+        # bias pairs use the factual label for both images (the definition of B)
+        F_both32 = torch.cat([Ff, Ff_cf]).float()
+
+        W = lin.weight.detach().to("cpu", torch.float64)
+        theta0 = torch.cat([W, lin.bias.detach().to("cpu", torch.float64)[:, None]], 1) \
+            if has_bias else W
+        theta = theta0.clone()
+        damping = float(self.damping)
+
+        bias_val, acc_val = _evaluate(theta, Fv, Fv_cf, yv)
+        self.bias_before_, self.accuracy_before_ = bias_val, acc_val
+        self.history_ = []
+        self.n_steps_ = 0
+        self.n_pairs_ = len(idx)
+        self._influence_direction = None
+        H = L = None
+        eta = float(self.step_size)
+        self.n_iter_ = 0
+        for step in range(int(self.max_iter)):
+            self.n_iter_ = step + 1
+            bias_fit, grad_b = _bias_and_gradient(theta, Ff, Ff_cf, yf)
+            if H is None or self.refresh_hessian:
+                # built in float32 (2x faster), factorised and solved in float64
+                H = _hessian(theta.float(), F_both32, damping).double()
+                L = _factor(H)
+            v = _solve(H, L, grad_b)  # H^{-1} grad B
+            if self._influence_direction is None:
+                self._influence_direction = v.clone()
+            if bias_fit <= 1e-12 or not bool(torch.any(grad_b != 0)):
+                break
+            diff = _loss_gradients(theta, Ff, yf) - _loss_gradients(theta, Ff_cf, yf_cf)
+            scores = diff @ v  # predicted change of B per pair swap
+            selected = scores < 0
+            n_sel = int(selected.sum())
+            if n_sel == 0:
+                break
+            delta = _solve(H, L, diff[selected].sum(dim=0)).reshape(theta.shape)
+            accepted = False
+            for _ in range(int(self.max_halvings) + 1):
+                candidate = theta + eta * delta
+                b_new, a_new = _evaluate(candidate, Fv, Fv_cf, yv)
+                ok = (b_new < bias_val - 1e-9
+                      and a_new >= self.accuracy_before_ - self.max_accuracy_drop - 1e-12)
+                self.history_.append({
+                    "step": step, "step_size": eta, "n_selected": n_sel, "bias_fit": bias_fit,
+                    "bias_val": b_new, "accuracy_val": a_new, "accepted": ok})
+                if ok:
+                    theta, bias_val, acc_val = candidate, b_new, a_new
+                    accepted = True
+                    self.n_steps_ += 1
+                    break
+                eta /= 2.0
+            if not accepted:
+                break
+            # after an accepted step, first try a step twice as long (at most step_size)
+            eta = min(2.0 * eta, float(self.step_size))
+        self.bias_after_, self.accuracy_after_ = bias_val, acc_val
+        if self.n_steps_:
+            with torch.no_grad():
+                if has_bias:
+                    lin.weight.copy_(theta[:, :-1].to(lin.weight))
+                    lin.bias.copy_(theta[:, -1].to(lin.bias))
+                else:
+                    lin.weight.copy_(theta.to(lin.weight))
+        self._theta0 = theta0
+        self._has_bias = has_bias
+        self.fit_time_ = time.perf_counter() - start
+        return self
+
+    # ---------------------------------------------------------------- identification
+    def influence_on_bias(self, X_train, y_train):
+        """Influence of each training sample on the bias of the original network.
+
+        ``I(z) = -grad_theta B^T H^{-1} grad_theta L(z)`` (Koh & Liang), with
+        ``H`` and ``grad B`` of the original last layer as computed in :meth:`fit`.
+        Removing sample ``z`` from training changes the bias by about ``-I(z)``:
+        the highest scores mark the samples that induce the bias most (the
+        identification step of FMD).
+
+        Parameters
+        ----------
+        X_train : array-like or tensor (n, C, H, W)
+        y_train : array-like of shape (n,)
+
+        Returns
+        -------
+        scores : ndarray of shape (n,), float64
+            Rank with ``np.argsort(-scores)``.
+        """
+        check_is_fitted(self, "history_")
+        X_train, shape = self._check_X(X_train, name="X_train")
+        self._check_n_features(shape)
+        n = n_samples(X_train)
+        y_train = self._labels(y_train, n, len(self.classes_), name="y_train")
+        # the features are those of the original network: only the last layer changed
+        self._checked_output = True
+        try:
+            F = self._features(X_train, desc="training features")
+        finally:
+            del self._checked_output
+        if self._has_bias:
+            F = _augment(F)
+        G = _loss_gradients(self._theta0, F, torch.as_tensor(y_train))
+        return (-(G @ self._influence_direction)).numpy()
+
+    # ---------------------------------------------------------------- prediction
+    def _check_n_features(self, shape):
+        expected = getattr(self, "n_features_in_", None)
+        if expected is not None and shape is not None and (len(shape) != 1 or shape[0] != expected):
+            got = shape[0] if len(shape) == 1 else shape
+            raise ValueError(
+                f"X has {got} features, but FastModelDebiaser is expecting {expected} features "
+                "as input.")
+
+    def predict_proba(self, X):
+        """Class probabilities of the debiased network, (n, K) float32."""
+        check_is_fitted(self, "estimator_")
+        X, shape = self._check_X(X)
+        self._check_n_features(shape)
+        return predict_proba(self.module_, X, batch_size=self.batch_size)
+
+    def predict(self, X):
+        """Predicted classes (indices of the network's outputs)."""
+        check_is_fitted(self, "estimator_")
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]

@@ -1,0 +1,286 @@
+"""FastModelDebiaser (FMD) and counterfactual_bias."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+
+from skdebias.correction import FastModelDebiaser, softmax_cross_entropy_hessian
+from skdebias.correction._fmd import _augment, _bias_and_gradient, _loss_gradients
+from skdebias.metrics import counterfactual_bias
+
+
+# ------------------------------------------------------------------ exact algebra
+def _ce_sum(theta_flat, F, y, K, with_bias=True):
+    theta = theta_flat.reshape(K, -1)
+    Fa = _augment(F) if with_bias else F
+    return nn.functional.cross_entropy(Fa @ theta.T, y, reduction="sum")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_hessian_matches_autograd(with_bias):
+    g = torch.Generator().manual_seed(0)
+    n, d, K = 7, 4, 3
+    F = torch.randn(n, d, generator=g, dtype=torch.float64)
+    W = torch.randn(K, d, generator=g, dtype=torch.float64)
+    b = torch.randn(K, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (n,), generator=g)
+    theta = torch.cat([W, b[:, None]], 1) if with_bias else W
+    ref = torch.autograd.functional.hessian(
+        lambda t: _ce_sum(t, F, y, K, with_bias), theta.reshape(-1))
+    H = softmax_cross_entropy_hessian(F, W, b if with_bias else None)
+    assert H.shape == (K * (d + int(with_bias)),) * 2
+    assert torch.allclose(H, ref, atol=1e-10)
+    Hd = softmax_cross_entropy_hessian(F, W, b if with_bias else None, damping=0.1)
+    assert torch.allclose(Hd - H, 0.1 * n * torch.eye(H.shape[0], dtype=H.dtype), atol=1e-12)
+
+
+def test_loss_and_bias_gradients_match_autograd():
+    g = torch.Generator().manual_seed(1)
+    n, d, K = 6, 3, 4
+    F = _augment(torch.randn(n, d, generator=g, dtype=torch.float64))
+    F_cf = _augment(torch.randn(n, d, generator=g, dtype=torch.float64))
+    theta = torch.randn(K, d + 1, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (n,), generator=g)
+    G = _loss_gradients(theta, F, y)
+    for i in range(n):
+        t = theta.clone().requires_grad_(True)
+        nn.functional.cross_entropy((F[i:i + 1] @ t.T), y[i:i + 1]).backward()
+        assert torch.allclose(G[i], t.grad.reshape(-1), atol=1e-12)
+    B, grad_b = _bias_and_gradient(theta, F, F_cf, y)
+    t = theta.clone().requires_grad_(True)
+    rows = torch.arange(n)
+    bias = (torch.softmax(F @ t.T, 1)[rows, y] - torch.softmax(F_cf @ t.T, 1)[rows, y]).abs().mean()
+    bias.backward()
+    assert B == pytest.approx(float(bias.detach()))
+    assert torch.allclose(grad_b, t.grad.reshape(-1), atol=1e-12)
+
+
+# ------------------------------------------------------------------ tiny tabular setting
+class _Tabular(nn.Module):
+    """2-d input net: the last input feature plays the bias attribute."""
+
+    def __init__(self, n_in=4, n_classes=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(n_in, 8), nn.Tanh())
+        self.head = nn.Linear(8, n_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def flip_last_feature(X):
+    """Counterfactual for tabular data: the sign of the last feature flipped."""
+    X_cf = np.array(X, dtype=np.float32, copy=True)
+    X_cf[:, -1] *= -1
+    return X_cf
+
+
+@pytest.fixture
+def tabular():
+    torch.manual_seed(0)
+    net = _Tabular()
+    rng = np.random.RandomState(0)
+    X = rng.randn(200, 4).astype(np.float32)
+    X[:, -1] = np.abs(X[:, -1]) + 1.0
+    y = rng.randint(0, 3, 200)
+    return net, X, y
+
+
+def test_fmd_lowers_bias_on_tabular(tabular):
+    net, X, y = tabular
+    before = copy.deepcopy(net.state_dict())
+    fmd = FastModelDebiaser(net, damping=0.1, max_accuracy_drop=1.0, random_state=0)
+    X_cf = flip_last_feature(X)
+    fmd.fit(X, y, X_cf=X_cf)
+    assert fmd.n_steps_ >= 1
+    assert fmd.bias_after_ < fmd.bias_before_
+    assert counterfactual_bias(fmd.module_, X, X_cf, y) < counterfactual_bias(net, X, X_cf, y)
+    # only the head changed, and the caller's network did not
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert torch.equal(fmd.module_.body[0].weight, net.body[0].weight)
+    assert not torch.equal(fmd.module_.head.weight, net.head.weight)
+
+
+def test_fmd_untouched_when_bias_is_zero(tabular):
+    net, X, y = tabular
+    fmd = FastModelDebiaser(net, random_state=0).fit(X, y, X_cf=X.copy())
+    assert fmd.bias_before_ == 0.0 and fmd.n_steps_ == 0
+    for a, b in zip(fmd.module_.parameters(), net.parameters()):
+        assert torch.equal(a, b)
+    # a network blind to the bias feature: bias zero although X_cf differs from X
+    blind = copy.deepcopy(net)
+    with torch.no_grad():
+        blind.body[0].weight[:, -1] = 0.0
+    fmd = FastModelDebiaser(blind, random_state=0).fit(X, y, X_cf=flip_last_feature(X))
+    assert fmd.bias_before_ == pytest.approx(0.0, abs=1e-7) and fmd.n_steps_ == 0
+    for a, b in zip(fmd.module_.parameters(), blind.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_fmd_accuracy_guard(tabular):
+    net, X, y = tabular
+    fmd = FastModelDebiaser(net, max_accuracy_drop=0.0, random_state=0)
+    fmd.fit(X, y, X_cf=flip_last_feature(X))
+    assert fmd.accuracy_after_ >= fmd.accuracy_before_
+    assert all(h["accuracy_val"] >= fmd.accuracy_before_ for h in fmd.history_ if h["accepted"])
+
+
+def test_fmd_counterfactual_callable_and_y_cf(tabular):
+    net, X, y = tabular
+    a = FastModelDebiaser(net, counterfactual=flip_last_feature, random_state=0).fit(X, y)
+    b = FastModelDebiaser(net, random_state=0).fit(X, y, X_cf=flip_last_feature(X), y_cf=y)
+    assert np.allclose(a.predict_proba(X), b.predict_proba(X))
+    assert a.predict(X).shape == (200,) and set(np.unique(a.predict(X))) <= {0, 1, 2}
+    assert 0.0 <= a.score(X, y) <= 1.0
+
+
+def test_fmd_skorch_net_input(tabular):
+    from skorch import NeuralNetClassifier
+
+    _, X, y = tabular
+    torch.manual_seed(0)
+    skorch_net = NeuralNetClassifier(_Tabular, criterion=nn.CrossEntropyLoss, max_epochs=3,
+                                     lr=0.1, train_split=None, verbose=0).fit(X, y)
+    w = skorch_net.module_.head.weight.detach().clone()
+    fmd = FastModelDebiaser(skorch_net, damping=0.1, max_accuracy_drop=1.0, random_state=0)
+    fmd.fit(X, y, X_cf=flip_last_feature(X))
+    assert type(fmd.estimator_) is NeuralNetClassifier
+    assert torch.equal(skorch_net.module_.head.weight, w)
+    assert np.allclose(fmd.estimator_.predict_proba(X), fmd.predict_proba(X), atol=1e-6)
+
+
+def test_fmd_errors(tabular):
+    net, X, y = tabular
+    with pytest.raises(ValueError, match="needs counterfactual pairs"):
+        FastModelDebiaser(net).fit(X, y)
+    with pytest.raises(ValueError, match="counterfactual set must match X"):
+        FastModelDebiaser(net).fit(X, y, X_cf=X[:-3])
+    with pytest.raises(ValueError, match="counterfactual set must match X"):
+        FastModelDebiaser(net).fit(X, y, X_cf=X[:, :3])
+    with pytest.raises(ValueError, match=r"class indices .* in \[0, 2\]"):
+        FastModelDebiaser(net).fit(X, y + 5, X_cf=X)
+    with pytest.raises(ValueError, match="y must be a 1-d array with 200"):
+        FastModelDebiaser(net).fit(X, y[:-1], X_cf=X)
+    with pytest.raises(ValueError, match="is a Tanh"):
+        FastModelDebiaser(net, layer="body.1").fit(X, y, X_cf=X)
+    with pytest.raises(ValueError, match="Unknown layer 'hed'"):
+        FastModelDebiaser(net, layer="hed").fit(X, y, X_cf=X)
+    with pytest.raises(ValueError, match="not the network's output"):
+        FastModelDebiaser(nn.Sequential(net, nn.Softmax(dim=1))).fit(X, y, X_cf=X)
+    for bad in [dict(damping=-1), dict(step_size=0), dict(max_iter=0), dict(n_pairs=1),
+                dict(max_accuracy_drop=1.5), dict(validation_fraction=1.0),
+                dict(counterfactual="flip")]:
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            FastModelDebiaser(net, **bad).fit(X, y, X_cf=X)
+
+
+def test_fmd_clone_and_pickle(tabular):
+    net, X, y = tabular
+    fmd = FastModelDebiaser(net, damping=0.5, counterfactual=flip_last_feature, random_state=3)
+    cloned = clone(fmd)
+    assert cloned.get_params()["damping"] == 0.5 and cloned.random_state == 3
+    fmd.fit(X, y)
+    restored = pickle.loads(pickle.dumps(fmd))
+    assert np.allclose(restored.predict_proba(X), fmd.predict_proba(X))
+    assert np.allclose(restored.influence_on_bias(X[:20], y[:20]),
+                       fmd.influence_on_bias(X[:20], y[:20]))
+
+
+# ------------------------------------------------------------------ colored digits
+def _biased_test_pairs(data):
+    """(x, x_cf, y): biased test images and the same digits in another colour."""
+    m = data.bias_test_biased != data.bias_test
+    return data.X_test_biased[m], data.X_test[m], data.y_test[m]
+
+
+def test_fmd_on_colored_digits(colored_data, colored_net):
+    x, x_cf, yt = _biased_test_pairs(colored_data)
+    w = colored_net.module_.classifier[2].weight.detach().clone()
+    fmd = FastModelDebiaser(colored_net, n_pairs=300, random_state=0)
+    fmd.fit(colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
+    assert fmd.layer_ == "classifier.2"
+    assert torch.equal(colored_net.module_.classifier[2].weight, w)
+    assert fmd.n_steps_ >= 1 and fmd.bias_after_ < fmd.bias_before_ - 0.1
+    before = counterfactual_bias(colored_net, x, x_cf, yt)
+    after = counterfactual_bias(fmd.estimator_, x, x_cf, yt)
+    assert after < before - 0.1
+    acc_before = np.mean(colored_net.predict(colored_data.X_test_biased) == colored_data.y_test)
+    acc_after = fmd.score(colored_data.X_test_biased, colored_data.y_test)
+    assert acc_after >= acc_before - 0.05
+    assert fmd.fit_time_ < 10.0
+    # identification: bias-aligned training samples push the bias up, conflicting ones down
+    scores = fmd.influence_on_bias(colored_data.X, colored_data.y)
+    assert scores.shape == (len(colored_data.y),) and np.all(np.isfinite(scores))
+    aligned = colored_data.concept == 1
+    assert scores[aligned].mean() > scores[~aligned].mean()
+
+
+# ------------------------------------------------------------------ counterfactual_bias
+def test_counterfactual_bias_values():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return torch.log(x[:, :2])
+
+    X = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
+    X_cf = np.array([[0.5, 0.5], [0.6, 0.4]], dtype=np.float32)
+    y = np.array([0, 1])
+    assert counterfactual_bias(Fixed(), X, X_cf, y) == pytest.approx((0.4 + 0.4) / 2, abs=1e-6)
+    assert counterfactual_bias(Fixed(), X, X_cf, y, signed=True) == pytest.approx(0.4, abs=1e-6)
+    assert counterfactual_bias(Fixed(), X_cf, X, y, signed=True) == pytest.approx(-0.4, abs=1e-6)
+    with pytest.raises(ValueError, match="same shape as X"):
+        counterfactual_bias(Fixed(), X, X_cf[:1], y)
+    with pytest.raises(ValueError, match="y has 1 labels"):
+        counterfactual_bias(Fixed(), X, X_cf, y[:1])
+    with pytest.raises(ValueError, match="class indices"):
+        counterfactual_bias(Fixed(), X, X_cf, np.array([0, 2]))
+
+
+# ------------------------------------------------------------------ sklearn checks
+def _expected_failures(estimator):
+    reason = ("FMD does not train a classifier: it only adjusts the last layer of a fixed, "
+              "here untrained, network to lower the counterfactual bias, so it cannot reach "
+              "the accuracy these checks ask for")
+    labels = ("the network's outputs are fixed class indices 0..K-1; other labels (strings, "
+              "arbitrary integers) cannot be mapped onto them")
+    return {
+        "check_classifiers_train": reason,
+        "check_classifiers_one_label": reason,
+        "check_classifiers_classes": labels,
+        "check_dtype_object": labels,
+        "check_classifiers_regression_target": "float targets are accepted when integral; "
+                                               "the check expects them to be refused",
+        "check_supervised_y_2d": labels,
+        "check_estimators_overwrite_params": (
+            "joblib.hash of torch tensors differs between a module and its deep copy, so the "
+            "check flags an unchanged network; test_fmd_lowers_bias_on_tabular checks that the "
+            "caller's network is untouched"),
+    }
+
+
+class _AnyWidth(nn.Module):
+    """Takes any number of input features (summarised by 3 statistics), 3 outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        stats = torch.stack([x.mean(dim=1), x[:, 0], x[:, -1]], dim=1)
+        return self.head(self.body(stats))
+
+
+@parametrize_with_checks(
+    [FastModelDebiaser(_AnyWidth(), counterfactual=flip_last_feature, device="cpu",
+                       random_state=0)],
+    expected_failed_checks=_expected_failures)
+def test_sklearn_compatible_fmd(estimator, check):
+    torch.manual_seed(0)
+    check(estimator)
