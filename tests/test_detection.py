@@ -1,0 +1,186 @@
+"""SpectralRelevanceAnalysis (SpRAy) and the plots of the spuriosity/SpRAy results."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+from torch import nn  # noqa: E402
+
+from skdebias import ActivationExtractor, CAVEstimator, SpectralRelevanceAnalysis  # noqa: E402
+from skdebias.detection import spectral_embedding_eigengap  # noqa: E402
+from skdebias.plotting import plot_spray_embedding, plot_spuriosity_grid  # noqa: E402
+
+
+class AnyWidth(nn.Module):
+    """Tiny network for any number of input features (for the sklearn checks)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.body = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(torch.relu(self.body(torch.stack([x.mean(1), (x * x).mean(1)], 1))))
+
+
+def two_strategies(n=60, seed=0):
+    """A linear 'network' with unit weights: a third of the samples are explained by feature 0."""
+    rng = np.random.RandomState(seed)
+    net = nn.Linear(6, 2)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+        net.bias.zero_()
+    X = rng.rand(n, 6).astype(np.float32)
+    concept = np.zeros(n, dtype=int)
+    concept[: n // 3] = 1
+    X[concept == 1, 0] += 8.0
+    return net, X, np.zeros(n, dtype=int), concept
+
+
+# ------------------------------------------------------------------ eigengap and clustering
+def test_eigengap_counts_components():
+    blocks = [np.ones((k, k)) - np.eye(k) for k in (4, 5, 6)]
+    A = np.zeros((15, 15))
+    start = 0
+    for b in blocks:
+        A[start:start + len(b), start:start + len(b)] = b
+        start += len(b)
+    k, vals, vecs = spectral_embedding_eigengap(A, max_clusters=6)
+    assert k == 3 and np.allclose(vals[:3], 0, atol=1e-10) and vals[3] > 0.5
+    assert vecs.shape == (15, 7)
+    assert spectral_embedding_eigengap(A, n_clusters=2)[0] == 2
+
+
+def test_spray_separates_a_strategy_on_synthetic_maps():
+    net, X, y, concept = two_strategies()
+    spray = SpectralRelevanceAnalysis(net, method="gradient_x_input", n_neighbors=5,
+                                      random_state=0, device="cpu").fit(X, y)
+    assert spray.n_clusters_[0] >= 2
+    assert adjusted_rand_score(concept, spray.labels_) > 0.8
+    member = spray.labels_[0]
+    labels = spray.concept_labels_for(member)
+    assert labels.dtype == np.int64 and labels.shape == (len(y),)
+    assert np.array_equal(labels, (spray.labels_ == member).astype(int))
+    rows = spray.summary()
+    assert sum(r["size"] for r in rows) == len(y)
+    sep = {r["cluster"]: r["separability"] for r in rows}
+    assert all(0 <= v <= 1 for v in sep.values()) and sep[member] > 0.8
+    # fixed number of clusters
+    fixed = clone(spray).set_params(n_clusters=3).fit(X, y)
+    assert fixed.n_clusters_[0] == 3
+
+
+def test_concept_labels_scopes_and_errors():
+    net, X, y, concept = two_strategies()
+    y = y.copy()
+    y[::2] = 1  # two classes
+    spray = SpectralRelevanceAnalysis(net, method="gradient_x_input", classes=[0, 1],
+                                      n_neighbors=4, random_state=0, device="cpu").fit(X, y)
+    assert set(spray.classes_) == {0, 1}
+    assert np.all(spray.labels_ >= 0)
+    full = spray.concept_labels_for(0, class_=1)
+    inside = spray.concept_labels_for(0, class_=1, scope="class")
+    assert full.shape == (len(y),) and inside.shape == (np.sum(y == 1),)
+    assert np.array_equal(full[spray.indices_[1]], inside) and full[y == 0].sum() == 0
+    with pytest.raises(ValueError, match="Several classes were analysed"):
+        spray.concept_labels_for(0)
+    with pytest.raises(ValueError, match="class_=7 was not analysed"):
+        spray.concept_labels_for(0, class_=7)
+    with pytest.raises(ValueError, match=r"cluster \[99\] does not exist for class 1"):
+        spray.concept_labels_for(99, class_=1)
+    with pytest.raises(ValueError, match="scope='x' is not valid"):
+        spray.concept_labels_for(0, class_=1, scope="x")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "saliency"}, "method='saliency' is not valid"),
+    ({"normalize": "l1"}, "normalize='l1' is not valid"),
+    ({"n_neighbors": 0}, "n_neighbors must be a positive integer"),
+    ({"map_size": 0}, "map_size must be a positive integer"),
+    ({"n_clusters": 0}, "n_clusters must be a positive integer"),
+    ({"classes": [5]}, r"classes \[5\] have no samples in y"),
+])
+def test_spray_errors(kwargs, match):
+    net, X, y, _ = two_strategies()
+    with pytest.raises(ValueError, match=match):
+        SpectralRelevanceAnalysis(net, **kwargs).fit(X, y)
+
+
+def test_spray_labels_must_be_network_outputs():
+    net, X, y, _ = two_strategies()
+    with pytest.raises(ValueError, match="not among the network's classes"):
+        SpectralRelevanceAnalysis(net, method="gradient").fit(X, y + 4)
+
+
+@parametrize_with_checks(
+    [SpectralRelevanceAnalysis(AnyWidth(), method="gradient_x_input", n_neighbors=3,
+                               device="cpu", random_state=0)],
+    expected_failed_checks=lambda est: {
+        "check_estimators_overwrite_params":
+            "joblib.hash of a torch module differs between deep copies; that the network is "
+            "not modified is tested in test_acceptance_spray_artifact_class",
+        "check_dtype_object": "y must hold the network's class indices (3 outputs)",
+    })
+def test_sklearn_compatible_spray(estimator, check):
+    check(estimator)
+
+
+# ------------------------------------------------------------------ acceptance on artifact digits
+def test_acceptance_spray_artifact_class(artifact_data, artifact_net):
+    module = artifact_net.module_
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    spray = SpectralRelevanceAnalysis(artifact_net, classes=[0], method="lrp",
+                                      composite="EpsilonPlusFlat", device="cpu",
+                                      random_state=0).fit(artifact_data.X, artifact_data.y)
+    idx = spray.indices_[0]
+    truth = artifact_data.concept[idx]
+    assert spray.method_ == "lrp"
+    assert spray.n_clusters_[0] >= 2
+    ari = adjusted_rand_score(truth, spray.labels_[idx])
+    assert ari >= 0.8, ari
+    assert np.all(spray.labels_[artifact_data.y != 0] == -1)
+    # zennit hooks removed, network untouched
+    for m in module.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    # the artifact cluster feeds a CAV within the class: it matches the CAV of the true labels
+    art = int(np.bincount(spray.labels_[idx][truth == 1]).argmax())
+    c_class = spray.concept_labels_for(art, class_=0, scope="class")
+    ext = ActivationExtractor(artifact_net, "features.7", device="cpu").fit(artifact_data.X)
+    A0 = ext.transform(artifact_data.X[idx])
+    cav_spray = CAVEstimator().fit(A0, c_class).cav_
+    cav_true = CAVEstimator().fit(A0, truth).cav_
+    assert cav_spray @ cav_true > 0.95
+    # plots
+    fig = plot_spray_embedding(spray, class_=0, concept=artifact_data.concept)
+    assert len(fig.axes) == 2 and len(fig.axes[0].collections) >= 2
+
+
+def test_plot_spuriosity_grid():
+    rng = np.random.RandomState(0)
+    X = rng.rand(30, 3, 8, 8).astype(np.float32)
+    y = np.repeat([0, 1, 2], 10)
+    s = rng.rand(30)
+    s[y == 2] = np.nan
+    fig = plot_spuriosity_grid(X, y, s, n=3, class_names={0: "zero", 1: "one"})
+    assert len(fig.axes) == 2 * 6  # classes 0 and 1, 3 + 3 images each
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "zero"
+    # the first column holds the lowest, the last the highest spuriosity of the class
+    assert float(fig.axes[0].get_title()) == pytest.approx(np.nanmin(s[y == 0]), abs=5e-3)
+    assert float(fig.axes[5].get_title()) == pytest.approx(np.nanmax(s[y == 0]), abs=5e-3)
+    with pytest.raises(ValueError, match="spuriosity has 29 entries"):
+        plot_spuriosity_grid(X, y, s[:-1])
+    with pytest.raises(ValueError, match="No class has finite spuriosity"):
+        plot_spuriosity_grid(X, y, np.full(30, np.nan))

@@ -1,0 +1,232 @@
+"""SpuriosityHeadFinetuner: low-spuriosity fine-tuning of the classification head only."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+
+from skdebias import ActivationExtractor, SpuriosityRanker, propose_features
+from skdebias._torch import limit_threads
+from skdebias.correction import SpuriosityHeadFinetuner
+from skdebias.metrics import spurious_gap
+
+
+class AnyWidth(nn.Module):
+    """Tiny network for any number of input features: two summary statistics -> hidden -> 3 logits."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.body = nn.Linear(2, 4)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        stats = torch.stack([x.mean(1), (x * x).mean(1)], dim=1)
+        return self.head(self.act(self.body(stats)))
+
+
+def shortcut_data(n_per_class=60, seed=0):
+    """2-d data: feature 0 is a shortcut (aligned with the class for 90% of samples), feature 1 core."""
+    rng = np.random.RandomState(seed)
+    y = np.repeat([0, 1, 2], n_per_class)
+    aligned = rng.rand(len(y)) < 0.9
+    shortcut = np.where(aligned, y, rng.randint(0, 3, len(y)))
+    X = np.c_[shortcut + 0.1 * rng.randn(len(y)), y + 0.6 * rng.randn(len(y))].astype(np.float32)
+    return X, y, (shortcut == y).astype(int)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def train(net, X, y, epochs=300):
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    with limit_threads(1):  # tiny tensors: threads only add synchronisation cost
+        for _ in range(epochs):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(Xt), yt).backward()
+            opt.step()
+    return net
+
+
+# ------------------------------------------------------------------ behaviour
+def test_only_the_head_changes_and_caller_untouched():
+    X, y, _ = shortcut_data()
+    net = train(mlp(), X, y)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ft = SpuriosityHeadFinetuner(net, ranker=SpuriosityRanker(spurious_features=[0]), k=10,
+                                 max_epochs=20, lr=1e-2, target_gap=-1.0, random_state=0,
+                                 device="cpu")
+    with pytest.warns(ConvergenceWarning, match="did not fall below target_gap"):
+        ft.fit(X, y)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k  # caller's network untouched
+    after = ft.module_.state_dict()
+    assert ft.head_ == "2"
+    assert torch.equal(after["0.weight"], before["0.weight"])
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+    assert all(p.requires_grad for p in net.parameters())
+    assert ft.n_epochs_ == 20 and len(ft.history_) == 20 and not ft.converged_
+
+
+def test_low_spuriosity_samples_are_selected():
+    X, y, aligned = shortcut_data()
+    net = train(mlp(), X, y)
+    # the shortcut feature 0 of the *input* is a proxy of spuriosity here: "aligned" samples high
+    spur = -np.abs(X[:, 0] - y)
+    ft = SpuriosityHeadFinetuner(net, k=3, max_epochs=1, validation_fraction=0.0,
+                                 random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ft.fit(X, y, spuriosity=spur)
+    sel = ft.selected_indices_
+    assert len(sel) == 9 and np.all(np.bincount(y[sel]) == 3)
+    assert aligned[sel].mean() < 0.2  # the least spurious are the misaligned samples
+    rnd = clone(ft).set_params(baseline="random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        rnd.fit(X, y, spuriosity=spur)
+    assert aligned[rnd.selected_indices_].mean() > 0.6
+
+
+def test_early_stopping_and_head_by_name():
+    X, y, _ = shortcut_data()
+    net = train(mlp(), X, y)
+    ranker = SpuriosityRanker(spurious_features=[0])
+    ft = SpuriosityHeadFinetuner(net, ranker=ranker, head="2", target_gap=1.0,
+                                 random_state=0, device="cpu").fit(X, y)
+    assert ft.converged_ and ft.n_epochs_ == 0 and ft.gap_after_ == ft.gap_before_
+    # a reachable target stops early
+    ft = SpuriosityHeadFinetuner(net, ranker=ranker, target_gap=ft.gap_before_ + 1e-9,
+                                 max_epochs=50, random_state=0, device="cpu")
+    ft.fit(X, y)
+    assert ft.converged_ and ft.n_epochs_ == 0
+    # without a reachable target: all epochs run; with the best gap as target: stops there
+    kw = dict(ranker=ranker, k=10, lr=5e-2, max_epochs=30, random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        full = SpuriosityHeadFinetuner(net, target_gap=-1.0, **kw).fit(X, y)
+    gaps = [h["val_gap"] for h in full.history_]
+    assert full.n_epochs_ == 30 and min(gaps) < full.gap_before_  # fine-tuning lowers the gap
+    best = int(np.argmin(gaps))
+    stop = SpuriosityHeadFinetuner(net, target_gap=gaps[best] + 1e-9, **kw).fit(X, y)
+    assert stop.converged_ and stop.n_epochs_ == best + 1
+    assert [h["val_gap"] for h in stop.history_] == gaps[:best + 1]
+
+
+def test_validation_data_and_explicit_spuriosity():
+    X, y, _ = shortcut_data()
+    Xv, yv, _ = shortcut_data(seed=1)
+    net = train(mlp(), X, y)
+    ranker = SpuriosityRanker(spurious_features=[0])
+    ft = SpuriosityHeadFinetuner(net, ranker=ranker, max_epochs=3, random_state=0,
+                                 device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ft.fit(X, y, validation_data=(Xv, yv))
+    assert ft.validation_indices_ is None and ft.ranker_ is not None
+    assert set(ft.selected_indices_) <= set(range(len(y)))
+    with pytest.raises(ValueError, match="validation_data needs it too"):
+        ft.fit(X, y, spuriosity=np.zeros(len(y)), validation_data=(Xv, yv))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ft.fit(X, y, spuriosity=X[:, 0], validation_data=(Xv, yv, Xv[:, 0]))
+    assert ft.ranker_ is None
+
+
+@pytest.mark.parametrize("kwargs, fit_kwargs, match", [
+    ({"k": 100}, {}, "k=100 is larger than class 0"),
+    ({"ranker": None}, {}, "No spuriosity"),
+    ({"baseline": "lowest"}, {}, "baseline='lowest' is not valid"),
+    ({"head": "1"}, {}, "is a ReLU"),
+    ({"head": "0"}, {}, "is not the network's output"),
+    ({"head": "nope"}, {}, "Unknown layer 'nope'"),
+    ({"target_gap": 2}, {}, r"target_gap must be a finite number >= -1 and <= 1, got 2"),
+    ({"validation_fraction": 1.0}, {}, "validation_fraction must be"),
+    ({}, {"validation_data": (1, 2, 3, 4)}, "validation_data must be"),
+    ({}, {"spuriosity": np.zeros(3)}, "spuriosity has 3 entries"),
+])
+def test_errors(kwargs, fit_kwargs, match):
+    X, y, _ = shortcut_data()
+    params = dict(ranker=SpuriosityRanker(spurious_features=[0]), max_epochs=1, device="cpu")
+    params.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        SpuriosityHeadFinetuner(mlp(), **params).fit(X, y, **fit_kwargs)
+
+
+def test_labels_must_be_network_outputs():
+    X, y, _ = shortcut_data()
+    ft = SpuriosityHeadFinetuner(mlp(), ranker=SpuriosityRanker(spurious_features=[0]),
+                                 device="cpu")
+    with pytest.raises(ValueError, match="not among the network's classes"):
+        ft.fit(X, y + 3)
+
+
+@parametrize_with_checks(
+    [SpuriosityHeadFinetuner(AnyWidth(), ranker=SpuriosityRanker(spurious_features=[0]), k=2,
+                             val_k=2, max_epochs=2, batch_size=8, device="cpu",
+                             random_state=0)],
+    expected_failed_checks=lambda est: {
+        "check_estimators_overwrite_params":
+            "joblib.hash of a torch module differs between deep copies; that the caller's "
+            "network is untouched is tested in test_only_the_head_changes_and_caller_untouched",
+        "check_dtype_object": "y must hold the network's class indices (3 outputs), not 0..3",
+        "check_classifiers_classes": "labels must be the network's classes (0..2), not strings",
+        "check_classifiers_one_label":
+            "only the head is fine-tuned; a fixed random body cannot be made to predict one class",
+        "check_classifiers_train":
+            "only the head of a fixed random 2-statistic network is trained: it cannot fit blobs",
+    })
+def test_sklearn_compatible_finetuner(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
+
+
+# ------------------------------------------------------------------ acceptance on colored digits
+def test_acceptance_colored_digits_finetuning_halves_gap(colored95_fg):
+    c95 = colored95_fg
+    data, net, vi, ti = c95.data, c95.net, c95.val, c95.test
+    ext = ActivationExtractor(net, "classifier.1", device="cpu").fit(data.X)
+    A, A_unb = ext.transform(data.X), ext.transform(data.X_test)
+    prop = propose_features(A_unb[vi], data.y_test[vi], net.module_.classifier[2], top=5)
+    cv = data.concept_test[vi]
+    feats = {c: [int(p.features[int(np.argmax([cv[t].mean() for t in p.top_samples]))])]
+             for c, p in prop.items()}
+    ranker = SpuriosityRanker(spurious_features=feats).fit(A, data.y)
+    y_t = data.y_test[ti]
+    s_t = ranker.score_samples(A_unb[ti], y_t)
+
+    def measure(est):
+        gap = spurious_gap(y_t, est.predict(data.X_test[ti]), s_t, k=10)
+        return gap, np.mean(est.predict(data.X_test_biased[ti]) == y_t)
+
+    gap0, acc0 = measure(net)
+    kw = dict(ranker=ranker, head="classifier.2", k=10, target_gap=0.1, max_epochs=300,
+              device="cpu", random_state=0)
+    val = (data.X_test[vi], data.y_test[vi])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        low = SpuriosityHeadFinetuner(net, **kw).fit(data.X, data.y, validation_data=val)
+        rnd = SpuriosityHeadFinetuner(net, baseline="random", **kw).fit(
+            data.X, data.y, validation_data=val)
+    gap1, acc1 = measure(low)
+    gap2, _ = measure(rnd)
+    assert gap0 >= 0.15, gap0
+    assert gap1 <= gap0 / 2, (gap0, gap1)
+    assert acc1 >= acc0 - 0.03, (acc0, acc1)  # in-distribution (rho=0.95) accuracy
+    assert gap2 > gap0 / 2, (gap0, gap2)  # random-k does not halve it
+    assert all(torch.equal(a, b) for a, b in zip(net.module_.state_dict().values(),
+                                                  ext.module_.state_dict().values()))
