@@ -20,10 +20,10 @@ demo: $(STAMP)
 	$(PY) -m skdebias demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" --timeout=900
+	$(PY) -m pytest -q -m "not slow" --timeout=900 tests --doctest-modules skdebias
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q --timeout=1800
+	$(PY) -m pytest -q --timeout=1800 tests --doctest-modules skdebias
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

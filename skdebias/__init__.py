@@ -4,17 +4,35 @@ image classifiers with scikit-learn estimators.
 
 __version__ = "0.1.0.dev0"
 
-from .concepts import CAVEstimator, cav_alignment
+from .concepts import CAVEstimator, cav_alignment, concept_sensitivity, tcav_score
 from .extraction import ActivationExtractor
 from .ranking import SpuriosityRanker, propose_features
 from .detection import SpectralRelevanceAnalysis
+from .correction import (
+    ClassArtifactCompensator,
+    EnDClassifier,
+    EnDRegularizer,
+    FastModelDebiaser,
+    GradientPenaltyCorrector,
+    GroupBalancedClassifier,
+    SpuriosityHeadFinetuner,
+)
 
 __all__ = [
     "ActivationExtractor",
     "CAVEstimator",
     "cav_alignment",
+    "concept_sensitivity",
+    "tcav_score",
     "SpuriosityRanker",
     "propose_features",
     "SpectralRelevanceAnalysis",
+    "GradientPenaltyCorrector",
+    "ClassArtifactCompensator",
+    "SpuriosityHeadFinetuner",
+    "FastModelDebiaser",
+    "EnDRegularizer",
+    "EnDClassifier",
+    "GroupBalancedClassifier",
     "__version__",
 ]

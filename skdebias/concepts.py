@@ -20,7 +20,9 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-__all__ = ["CAVEstimator", "CAV_METHODS", "cav_alignment"]
+from .metrics import concept_sensitivity
+
+__all__ = ["CAVEstimator", "CAV_METHODS", "cav_alignment", "concept_sensitivity", "tcav_score"]
 
 CAV_METHODS = ("pattern", "mean_diff", "svm", "ridge", "lasso", "logistic")
 
@@ -272,3 +274,39 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
         """One output feature: ``["cav_projection"]``."""
         check_is_fitted(self, "cav_")
         return np.asarray(["cav_projection"], dtype=object)
+
+
+def tcav_score(net, X, layer, cav, target=None, batch_size=128):
+    """TCAV quotient: the share of samples whose ``target`` logit grows along the CAV.
+
+    ``mean_x 1[v . grad_a f_target(x) > 0]`` with the gradient at ``layer``
+    averaged over spatial positions (Kim et al. 2018). A value near 0.5 means
+    the concept does not push the prediction either way; near 1 (or 0) that it
+    consistently raises (lowers) the logit. For the magnitude, use
+    :func:`skdebias.metrics.concept_sensitivity`, which this wraps.
+
+    Parameters
+    ----------
+    net : torch.nn.Module, skorch NeuralNet or fitted corrector
+    X : array-like of shape (n, C, H, W), tensor or Dataset
+    layer : str
+    cav : array-like of shape (C,) or fitted CAVEstimator
+    target : None, int or array-like of shape (n,), default=None
+        ``None``: the predicted class of each sample.
+    batch_size : int, default=128
+
+    Returns
+    -------
+    score : float in [0, 1]
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skdebias.concepts import tcav_score
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> X = np.random.RandomState(0).rand(8, 2).astype("float32")
+    >>> 0.0 <= tcav_score(net, X, "0", [1.0, 0.0], target=0) <= 1.0
+    True
+    """
+    return float(concept_sensitivity(net, X, layer, cav, target=target,
+                                     batch_size=batch_size)["tcav"])

@@ -98,7 +98,7 @@ def concept_sensitivity(net, X, layer, cav, target=None, pooling="mean", batch_s
     >>> from skdebias.metrics import concept_sensitivity
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     >>> with torch.no_grad():
-    ...     net[1].weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+    ...     _ = net[1].weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
     >>> X = np.ones((4, 2), dtype="float32")
     >>> concept_sensitivity(net, X, "0", [1.0, 0.0], target=0)["mean_abs"]
     3.0

@@ -220,3 +220,26 @@ CAV_EXPECTED_FAILURES = {
 )
 def test_sklearn_compatible_cav(estimator, check):
     check(estimator)
+
+
+def test_tcav_score_is_the_share_of_positive_directional_derivatives():
+    import torch
+
+    from skdebias import tcav_score
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[3.0, 0.0], [0.0, -1.0]]))
+    X = np.random.RandomState(0).rand(6, 2).astype("float32")
+    # d logit_0 / d a = (3, 0): positive along +e0, negative along -e0
+    assert tcav_score(net, X, "0", [1.0, 0.0], target=0) == 1.0
+    assert tcav_score(net, X, "0", [-1.0, 0.0], target=0) == 0.0
+    # d logit_1 / d a = (0, -1)
+    assert tcav_score(net, X, "0", [0.0, 1.0], target=1) == 0.0
+
+
+def test_public_names_are_exported():
+    import skdebias
+
+    for name in skdebias.__all__:
+        assert getattr(skdebias, name) is not None, name
