@@ -238,7 +238,6 @@ def artifact_relevance(net, X, masks, target=None, method="lrp", composite="Epsi
     --------
     >>> import numpy as np
 
-from ._validation import check_int
     >>> from skdebias.models import SmallCNN
     >>> from skdebias.metrics import artifact_relevance
     >>> X = np.random.rand(2, 3, 28, 28).astype("float32")
@@ -497,7 +496,6 @@ def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=Fals
     --------
     >>> import numpy as np
 
-from ._validation import check_int
     >>> from skdebias.metrics import spurious_gap
     >>> y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     >>> s = np.array([0., 1., 2., 3., 0., 1., 2., 3.])
