@@ -27,3 +27,34 @@ def test_extraction_cuda_matches_cpu():
     t = np.arange(64) % 2
     np.testing.assert_allclose(CAVEstimator().fit(gpu, t).cav_, CAVEstimator().fit(cpu, t).cav_,
                                atol=1e-3)
+
+
+def _artifact_problem():
+    rng = np.random.RandomState(0)
+    X = rng.rand(96, 3, 28, 28).astype(np.float32)
+    y = rng.randint(0, 10, 96)
+    c = (np.arange(96) % 2).astype(np.int64)
+    X[c == 1, :, :4, :4] = 1.0  # a corner patch as the concept
+    return X, y, c
+
+
+@pytest.mark.parametrize("kind", ["rr", "pclarc"])
+def test_corrector_cuda_matches_cpu(kind):
+    from skdebias import ClassArtifactCompensator, GradientPenaltyCorrector
+
+    X, y, c = _artifact_problem()
+    torch.manual_seed(0)
+    net = SmallCNN()
+    if kind == "rr":
+        make = lambda device: GradientPenaltyCorrector(  # noqa: E731
+            net, "features.6", penalty=10.0, max_epochs=1, lr=1e-3, batch_size=32,
+            device=device, random_state=0)
+    else:
+        make = lambda device: ClassArtifactCompensator(  # noqa: E731
+            net, "features.6", mode="projective", device=device, random_state=0)
+    cpu = make("cpu").fit(X, y, concept_labels=c)
+    gpu = make("cuda").fit(X, y, concept_labels=c)
+    assert next(gpu.module_.parameters()).device.type == "cuda"
+    assert next(net.parameters()).device.type == "cpu"
+    np.testing.assert_allclose(gpu.cav_, cpu.cav_, atol=1e-3)
+    np.testing.assert_allclose(gpu.predict_proba(X), cpu.predict_proba(X), atol=2e-3)
