@@ -342,10 +342,13 @@ class _CorrectionNet(NeuralNetClassifier):
     def _set_training(self, training=True):
         super()._set_training(training)
         if training and self.eval_modules:
-            modules = dict(self.module_.named_modules())
+            # looked up by name at every step (cheap: no walk over all modules), so a module
+            # replaced after fitting (A-ClArC) is still found
             for name in self.eval_modules:
-                if name in modules:
-                    modules[name].eval()
+                try:
+                    self.module_.get_submodule(name).eval()
+                except AttributeError:
+                    pass
 
 
 def build_net(net_class, module, corrector, max_epochs, extra=None):

@@ -167,21 +167,45 @@ class _RRNet(_CorrectionNet):
         pos = names.index("print_log") if "print_log" in names else len(callbacks)
         return callbacks[:pos] + extra + callbacks[pos:]
 
-    def _generator(self):
-        gen = getattr(self, "_rr_generator", None)
+    def _generator(self, device):
+        """The source of the random signs of ``"all_random"``, one per device, created on it
+        (signs drawn where the logits are: no host-to-device copy, no synchronisation)."""
+        device = torch.device(device)
+        gens = self.__dict__.setdefault("_rr_generators", {})
+        gen = gens.get(str(device))
         if gen is None:
-            seed = self.rr_seed if self.rr_seed is not None else int(np.random.randint(2**31 - 1))
-            gen = torch.Generator().manual_seed(int(seed))
-            self._rr_generator = gen
+            seed = getattr(self, "_rr_seed_value", None)
+            if seed is None:
+                seed = self.rr_seed if self.rr_seed is not None else \
+                    int(np.random.randint(2**31 - 1))
+                self._rr_seed_value = int(seed)
+            gen = torch.Generator(device=device).manual_seed(int(seed))
+            gens[str(device)] = gen
         return gen
 
     def _cav_tensor(self, device, dtype):
-        return torch.as_tensor(np.asarray(self.rr_cav), device=device, dtype=dtype)
+        """The unit CAV as a tensor on ``device``, built once per (device, dtype) and ``rr_cav``."""
+        cache = self.__dict__.setdefault("_rr_cav_cache", {})
+        key = (str(device), dtype, id(self.rr_cav))
+        v = cache.get(key)
+        if v is None:
+            cache.clear()
+            v = torch.as_tensor(np.asarray(self.rr_cav), dtype=torch.float64).reshape(-1)
+            v = (v / v.norm()).to(device=device, dtype=dtype)
+            cache[key] = v
+        return v
+
+    def _layer_module(self):
+        cached = self.__dict__.get("_rr_layer_cache")
+        if cached is not None and cached[0] is self.module_ and cached[1] == self.rr_layer:
+            return cached[2]
+        layer = find_layer(self.module_, self.rr_layer)
+        self._rr_layer_cache = (self.module_, self.rr_layer, layer)
+        return layer
 
     @contextlib.contextmanager
     def _capture(self):
-        layer = find_layer(self.module_, self.rr_layer)
-        with capture_output(layer, detach=False, requires_grad=True) as store:
+        with capture_output(self._layer_module(), detach=False, requires_grad=True) as store:
             self._rr_store = store
             try:
                 yield
@@ -212,15 +236,29 @@ class _RRNet(_CorrectionNet):
                               gradient_target=self.rr_gradient_target,
                               aggregation=self.rr_aggregation,
                               create_graph=training and weight > 0,
-                              generator=self._generator())
-        self.history.record_batch("train_rr" if training else "valid_rr", float(rr.detach()))
+                              generator=self._generator(y_pred.device))
+        # logged in on_batch_end, after skorch has synchronised for the loss anyway: no
+        # extra device synchronisation between the forward and the backward pass
+        self._rr_pending = ("train_rr" if training else "valid_rr", rr.detach())
         if weight == 0:
             return loss
         return loss + weight * (rr if training else rr.detach())
 
+    def on_batch_end(self, net, **kwargs):
+        super().on_batch_end(net, **kwargs)
+        pending = self.__dict__.pop("_rr_pending", None)
+        if pending is not None:
+            self.history.record_batch(pending[0], float(pending[1]))
+
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_rr_store", None)
+        for key in ("_rr_store", "_rr_pending", "_rr_cav_cache", "_rr_layer_cache"):
+            state.pop(key, None)
+        # keep the CPU generator (the random signs go on where they stopped); device
+        # generators are recreated from the seed where the copy is used
+        gens = state.get("_rr_generators")
+        if gens:
+            state["_rr_generators"] = {k: g for k, g in gens.items() if k == "cpu"}
         return state
 
 
