@@ -12,6 +12,7 @@ from skorch import NeuralNetClassifier
 from skorch.helper import SliceDict
 from torch import nn
 
+from skdebias._torch import limit_threads
 from skdebias.correction import (
     EnDClassifier,
     EnDRegularizer,
@@ -20,6 +21,13 @@ from skdebias.correction import (
     end_terms,
     group_balanced_weights,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every model here is tiny: one CPU thread avoids thread-synchronisation overhead."""
+    with limit_threads(1):
+        yield
 
 
 # ------------------------------------------------------------------ the two terms

@@ -11,6 +11,7 @@ Hessian of the softmax cross-entropy of that layer.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -26,6 +27,7 @@ from .._torch import (
     find_layer,
     last_linear,
     iter_batches,
+    limit_threads,
     n_samples,
     predict_proba,
     preserve_mode,
@@ -39,6 +41,10 @@ __all__ = ["FastModelDebiaser", "softmax_cross_entropy_hessian"]
 
 #: Largest number of last-layer parameters ``K * (d + 1)`` for the exact Hessian.
 MAX_HESSIAN_SIZE = 12_000
+#: Up to this many last-layer parameters the unlearning algebra runs on one CPU thread: its
+#: operations are so small that multi-threading costs more in synchronisation than it saves
+#: (seconds instead of a fraction of one on a busy machine).
+SINGLE_THREAD_SIZE = 2_048
 
 
 # ------------------------------------------------------------------ linear-layer algebra
@@ -453,12 +459,30 @@ class FastModelDebiaser(ClassifierMixin, BaseEstimator):
         Ff, Ff_cf, yf, yf_cf = F[fi], F_cf[fi], torch.as_tensor(y[fit_idx]), \
             torch.as_tensor(y_cf[fit_idx])
         Fv, Fv_cf, yv = F[vi], F_cf[vi], torch.as_tensor(y[val_idx])
-        # bias pairs use the factual label for both images (the definition of B)
-        F_both32 = torch.cat([Ff, Ff_cf]).float()
 
         W = lin.weight.detach().to("cpu", torch.float64)
         theta0 = torch.cat([W, lin.bias.detach().to("cpu", torch.float64)[:, None]], 1) \
             if has_bias else W
+        self.n_pairs_ = len(idx)
+        algebra = limit_threads(1) if size <= SINGLE_THREAD_SIZE else contextlib.nullcontext()
+        with algebra:
+            theta = self._unlearn(theta0, Ff, Ff_cf, yf, yf_cf, Fv, Fv_cf, yv)
+        if self.n_steps_:
+            with torch.no_grad():
+                if has_bias:
+                    lin.weight.copy_(theta[:, :-1].to(lin.weight))
+                    lin.bias.copy_(theta[:, -1].to(lin.bias))
+                else:
+                    lin.weight.copy_(theta.to(lin.weight))
+        self._theta0 = theta0
+        self._has_bias = has_bias
+        self.fit_time_ = time.perf_counter() - start
+        return self
+
+    def _unlearn(self, theta0, Ff, Ff_cf, yf, yf_cf, Fv, Fv_cf, yv):
+        """The unlearning loop on the last-layer parameters; returns the final ``theta``."""
+        # bias pairs use the factual label for both images (the definition of B)
+        F_both32 = torch.cat([Ff, Ff_cf]).float()
         theta = theta0.clone()
         damping = float(self.damping)
 
@@ -466,7 +490,6 @@ class FastModelDebiaser(ClassifierMixin, BaseEstimator):
         self.bias_before_, self.accuracy_before_ = bias_val, acc_val
         self.history_ = []
         self.n_steps_ = 0
-        self.n_pairs_ = len(idx)
         self._influence_direction = None
         H = L = None
         eta = float(self.step_size)
@@ -510,17 +533,7 @@ class FastModelDebiaser(ClassifierMixin, BaseEstimator):
             # after an accepted step, first try a step twice as long (at most step_size)
             eta = min(2.0 * eta, float(self.step_size))
         self.bias_after_, self.accuracy_after_ = bias_val, acc_val
-        if self.n_steps_:
-            with torch.no_grad():
-                if has_bias:
-                    lin.weight.copy_(theta[:, :-1].to(lin.weight))
-                    lin.bias.copy_(theta[:, -1].to(lin.bias))
-                else:
-                    lin.weight.copy_(theta.to(lin.weight))
-        self._theta0 = theta0
-        self._has_bias = has_bias
-        self.fit_time_ = time.perf_counter() - start
-        return self
+        return theta
 
     # ---------------------------------------------------------------- identification
     def influence_on_bias(self, X_train, y_train):
