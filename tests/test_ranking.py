@@ -259,25 +259,51 @@ def test_acceptance_colored_digits_ranking_and_gap(colored95_bg):
     assert gap >= 0.15, gap
 
 
-def test_acceptance_artifact_digits_ranking(artifact_data, artifact_net):
+@pytest.fixture(scope="module")
+def brightness_digits():
+    """Artifact digits where the vanilla net relies on the artifact: "brightness" in 90% of the
+    class-0 training images (the attacked set, every image brightened, is classified as 0), and a
+    SmallCNN trained on them (8 epochs). With the red patch in 30% of class 0 (the shared
+    ``artifact_net``) the net barely uses the patch, so none of the penultimate features proposed
+    for class 0 encodes it cleanly (best single feature: ~84% of the patched images above the
+    class median): there is no spurious feature to find."""
+    from skdebias.datasets import make_artifact_digits
+    from skdebias.models import SmallCNN, make_classifier
+
+    data = make_artifact_digits(target_class=0, p=0.9, artifact="brightness", random_state=0)
+    net = make_classifier(SmallCNN, max_epochs=8, lr=2e-3, device="cpu", random_state=0)
+    return data, net.fit(data.X, data.y)
+
+
+def test_acceptance_artifact_digits_ranking(brightness_digits):
     from skdebias import ActivationExtractor
 
-    data = artifact_data
-    ext = ActivationExtractor(artifact_net, "classifier.1", device="cpu").fit(data.X)
+    data, net = brightness_digits
+    # the vanilla net relies on the artifact: brightened images of other classes become 0
+    attacked = net.predict(data.add_artifact(data.X_test))
+    assert np.mean(attacked[data.y_test != 0] == 0) > 0.5
+    ext = ActivationExtractor(net, "classifier.1", device="cpu").fit(data.X)
     A = ext.transform(data.X)
-    prop = propose_features(A, data.y, artifact_net.module_.classifier[2], top=5, classes=[0])
-    ranker = SpuriosityRanker(spurious_features=_labeller(prop, data.concept)).fit(A, data.y)
-    s = ranker.score_samples(A, data.y)
-    zero = data.y == 0
-    share, n_art = _aligned_above_median(s[zero], data.y[zero], data.concept[zero])
-    assert n_art == data.concept.sum() and share >= 0.9, share
-    # on new images: a random half of the class-0 test images gets the artifact
+    # new images: a random half of the class-0 test images gets the artifact; features are
+    # proposed and labelled on one half of the test set and the ranking is checked on the other
     rng = np.random.RandomState(0)
     X_mix, c_mix = data.X_test.copy(), np.zeros(len(data.y_test), dtype=int)
     zeros = np.flatnonzero(data.y_test == 0)
     poison = rng.choice(zeros, len(zeros) // 2, replace=False)
     X_mix[poison], c_mix[poison] = data.add_artifact(data.X_test[poison]), 1
-    s_mix = ranker.score_samples(ext.transform(X_mix), data.y_test)
-    m0 = data.y_test == 0
-    share_test, _ = _aligned_above_median(s_mix[m0], data.y_test[m0], c_mix[m0])
-    assert share_test >= 0.9, share_test
+    A_mix = ext.transform(X_mix)
+    half = rng.rand(len(data.y_test)) < 0.5
+    prop = propose_features(A_mix[half], data.y_test[half], net.module_.classifier[2], top=5,
+                            classes=[0])
+    ranker = SpuriosityRanker(spurious_features=_labeller(prop, c_mix[half])).fit(A, data.y)
+    s_mix = ranker.score_samples(A_mix, data.y_test)
+    m0 = (data.y_test == 0) & ~half
+    share_test, n_art = _aligned_above_median(s_mix[m0], data.y_test[m0], c_mix[m0])
+    assert n_art >= 10 and share_test >= 0.9, share_test
+    # on the training images of class 0 (90% with the artifact, so the median criterion does not
+    # apply): the artifact images rank above the clean ones
+    from sklearn.metrics import roc_auc_score
+
+    zero = data.y == 0
+    s = ranker.score_samples(A[zero], data.y[zero])
+    assert roc_auc_score(data.concept[zero], s) >= 0.9

@@ -62,23 +62,35 @@ def train(net, X, y, epochs=300):
 
 
 # ------------------------------------------------------------------ behaviour
+def shortcut_spuriosity(X, y):
+    """How strongly the shortcut (input feature 0) shows the class: the known spuriosity."""
+    return -np.abs(X[:, 0] - y)
+
+
 def test_only_the_head_changes_and_caller_untouched():
     X, y, _ = shortcut_data()
+    Xv, yv, _ = shortcut_data(n_per_class=100, seed=1)
     net = train(mlp(), X, y)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    ft = SpuriosityHeadFinetuner(net, ranker=SpuriosityRanker(spurious_features=[0]), k=10,
-                                 max_epochs=20, lr=1e-2, target_gap=-1.0, random_state=0,
-                                 device="cpu")
+    ft = SpuriosityHeadFinetuner(net, k=10, max_epochs=20, lr=5e-2, target_gap=-1.0,
+                                 random_state=0, device="cpu")
     with pytest.warns(ConvergenceWarning, match="did not fall below target_gap"):
-        ft.fit(X, y)
+        ft.fit(X, y, spuriosity=shortcut_spuriosity(X, y),
+               validation_data=(Xv, yv, shortcut_spuriosity(Xv, yv)))
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k  # caller's network untouched
     after = ft.module_.state_dict()
     assert ft.head_ == "2"
     assert torch.equal(after["0.weight"], before["0.weight"])
-    assert not torch.equal(after["2.weight"], before["2.weight"])
+    assert ft.best_epoch_ > 0 and not torch.equal(after["2.weight"], before["2.weight"])
     assert all(p.requires_grad for p in net.parameters())
     assert ft.n_epochs_ == 20 and len(ft.history_) == 20 and not ft.converged_
+    assert ft.stop_reason_ == "max_epochs"
+    # the kept head is the one with the lowest validation gap (the first of equals)
+    gaps = [h["val_gap"] for h in ft.history_]
+    assert ft.best_epoch_ == int(np.argmin(gaps)) + 1 and ft.gap_after_ == min(gaps)
+    assert ft.gap_after_ == pytest.approx(
+        spurious_gap(yv, ft.predict(Xv), shortcut_spuriosity(Xv, yv), k=10))
 
 
 def test_low_spuriosity_samples_are_selected():
@@ -113,17 +125,47 @@ def test_early_stopping_and_head_by_name():
                                  max_epochs=50, random_state=0, device="cpu")
     ft.fit(X, y)
     assert ft.converged_ and ft.n_epochs_ == 0
-    # without a reachable target: all epochs run; with the best gap as target: stops there
-    kw = dict(ranker=ranker, k=10, lr=5e-2, max_epochs=30, random_state=0, device="cpu")
+    # without a reachable target: all epochs run; with the best gap as target: stops there.
+    # The spuriosity is the known shortcut strength (hidden unit 0 of the ranker above is an
+    # arbitrary unit: the gap it defines need not move at all)
+    Xv, yv, _ = shortcut_data(n_per_class=100, seed=1)
+    fit_kw = dict(spuriosity=shortcut_spuriosity(X, y),
+                  validation_data=(Xv, yv, shortcut_spuriosity(Xv, yv)))
+    kw = dict(k=10, lr=5e-2, max_epochs=30, random_state=0, device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        full = SpuriosityHeadFinetuner(net, target_gap=-1.0, **kw).fit(X, y)
+        full = SpuriosityHeadFinetuner(net, target_gap=-1.0, **kw).fit(X, y, **fit_kw)
     gaps = [h["val_gap"] for h in full.history_]
-    assert full.n_epochs_ == 30 and min(gaps) < full.gap_before_  # fine-tuning lowers the gap
+    assert full.gap_before_ > 0.3  # the vanilla MLP relies on the shortcut
+    assert full.n_epochs_ == 30 and min(gaps) < full.gap_before_ - 0.1  # fine-tuning lowers it
     best = int(np.argmin(gaps))
-    stop = SpuriosityHeadFinetuner(net, target_gap=gaps[best] + 1e-9, **kw).fit(X, y)
-    assert stop.converged_ and stop.n_epochs_ == best + 1
+    stop = SpuriosityHeadFinetuner(net, target_gap=gaps[best] + 1e-9, **kw).fit(X, y, **fit_kw)
+    assert stop.converged_ and stop.n_epochs_ == best + 1 and stop.stop_reason_ == "target_gap"
     assert [h["val_gap"] for h in stop.history_] == gaps[:best + 1]
+    assert stop.best_epoch_ == best + 1 and stop.gap_after_ == gaps[best]
+
+
+def test_accuracy_guard_stops_and_keeps_an_admissible_head():
+    X, y, _ = shortcut_data()
+    Xv, yv, _ = shortcut_data(n_per_class=100, seed=1)
+    net = train(mlp(), X, y)
+    fit_kw = dict(spuriosity=shortcut_spuriosity(X, y),
+                  validation_data=(Xv, yv, shortcut_spuriosity(Xv, yv)))
+    kw = dict(k=10, lr=5e-1, max_epochs=30, target_gap=-1.0, random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        free = SpuriosityHeadFinetuner(net, **kw).fit(X, y, **fit_kw)
+        guarded = SpuriosityHeadFinetuner(net, max_accuracy_drop=0.02, **kw).fit(X, y, **fit_kw)
+    # unguarded, the large learning rate costs training accuracy; the guard stops it
+    assert min(h["train_accuracy"] for h in free.history_) < free.train_accuracy_before_ - 0.02
+    assert guarded.stop_reason_ == "accuracy" and guarded.n_epochs_ < 30
+    last = guarded.history_[-1]
+    assert last["train_accuracy"] < guarded.train_accuracy_before_ - 0.02
+    assert guarded.best_epoch_ < guarded.n_epochs_  # the violating epoch is never kept
+    assert guarded.train_accuracy_after_ >= guarded.train_accuracy_before_ - 0.02
+    assert guarded.train_accuracy_after_ == pytest.approx(np.mean(guarded.predict(X) == y))
+    with pytest.raises(ValueError, match="max_accuracy_drop must be"):
+        SpuriosityHeadFinetuner(net, max_accuracy_drop=1.5).fit(X, y, **fit_kw)
 
 
 def test_validation_data_and_explicit_spuriosity():
@@ -214,8 +256,10 @@ def test_acceptance_colored_digits_finetuning_halves_gap(colored95_fg):
         return gap, np.mean(est.predict(data.X_test_biased[ti]) == y_t)
 
     gap0, acc0 = measure(net)
-    kw = dict(ranker=ranker, head="classifier.2", k=10, target_gap=0.1, max_epochs=300,
-              device="cpu", random_state=0)
+    # the settings of benchmarks/spuriosity.py: k=20 per class, early stopping on the val gap,
+    # training accuracy guarded to 2 points
+    kw = dict(ranker=ranker, head="classifier.2", k=20, lr=1e-2, max_epochs=100,
+              target_gap=0.05, max_accuracy_drop=0.02, device="cpu", random_state=0)
     val = (data.X_test[vi], data.y_test[vi])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -228,5 +272,6 @@ def test_acceptance_colored_digits_finetuning_halves_gap(colored95_fg):
     assert gap1 <= gap0 / 2, (gap0, gap1)
     assert acc1 >= acc0 - 0.03, (acc0, acc1)  # in-distribution (rho=0.95) accuracy
     assert gap2 > gap0 / 2, (gap0, gap2)  # random-k does not halve it
+    assert low.train_accuracy_after_ >= low.train_accuracy_before_ - 0.02
     assert all(torch.equal(a, b) for a, b in zip(net.module_.state_dict().values(),
                                                   ext.module_.state_dict().values()))

@@ -76,7 +76,13 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
     4. The head is trained on them with cross-entropy (Adam); after each epoch
        the spurious gap (:func:`~skdebias.metrics.spurious_gap` with ``val_k``)
        is measured on the validation data, and training stops as soon as it is
-       below ``target_gap``.
+       below ``target_gap``. With ``max_accuracy_drop``, training also stops
+       when the accuracy on the training data (the in-distribution accuracy)
+       falls more than that below the original head's.
+    5. The head of the epoch with the lowest validation gap among those that
+       respect the accuracy guard is kept (the original head if no epoch
+       improves the gap); on convergence that is the epoch that reached the
+       target.
 
     The caller's network is never modified: ``estimator_`` is a copy.
 
@@ -97,6 +103,12 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
     baseline : {None, "random"}, default=None
         ``"random"``: fine-tune on ``k`` random samples per class instead (the
         comparison baseline of the paper).
+    max_accuracy_drop : float in [0, 1] or None, default=None
+        Accuracy guard: stop as soon as the accuracy of the head on the
+        training data (all of ``X`` outside the internal validation split, so
+        in-distribution even when ``validation_data`` is unbiased) is more than
+        this below that of the original head (0.03 = 3 points); epochs past the
+        guard are never kept. ``None``: no guard.
     val_k : int, default=10
         ``k`` of the validation gap (clipped to the smallest validation class).
     validation_fraction : float in [0, 1), default=0.25
@@ -134,15 +146,24 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
         Indices into ``X`` of the internal validation split (``None`` with
         ``validation_data`` given).
     gap_before_, gap_after_ : float
-        Validation gap of the original and of the fine-tuned head.
+        Validation gap of the original and of the kept head.
     accuracy_before_, accuracy_after_ : float
-        Validation accuracy of the original and of the fine-tuned head.
+        Validation accuracy of the original and of the kept head.
+    train_accuracy_before_, train_accuracy_after_ : float
+        Accuracy on the training data (the guarded accuracy) of the original
+        and of the kept head.
     n_epochs_ : int
         Epochs run (0 if the gap was already below the target).
+    best_epoch_ : int
+        Epoch whose head is kept (0: the original head).
     converged_ : bool
         Whether the validation gap fell below ``target_gap``.
+    stop_reason_ : str
+        ``"target_gap"``, ``"accuracy"`` (the guard stopped training) or
+        ``"max_epochs"``.
     history_ : list of dict
-        Per epoch: ``epoch``, ``loss``, ``val_gap``, ``val_accuracy``.
+        Per epoch: ``epoch``, ``loss``, ``val_gap``, ``val_accuracy``,
+        ``train_accuracy``.
     fit_time_ : float
         Wall time of :meth:`fit` in seconds.
     n_features_in_ : int
@@ -169,14 +190,16 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, estimator, ranker=None, head=None, k=10, target_gap=0.05, baseline=None,
-                 val_k=10, validation_fraction=0.25, max_epochs=300, lr=1e-3, weight_decay=0.0,
-                 batch_size=64, device="auto", random_state=None, progress=False):
+                 max_accuracy_drop=None, val_k=10, validation_fraction=0.25, max_epochs=300,
+                 lr=1e-3, weight_decay=0.0, batch_size=64, device="auto", random_state=None,
+                 progress=False):
         self.estimator = estimator
         self.ranker = ranker
         self.head = head
         self.k = k
         self.target_gap = target_gap
         self.baseline = baseline
+        self.max_accuracy_drop = max_accuracy_drop
         self.val_k = val_k
         self.validation_fraction = validation_fraction
         self.max_epochs = max_epochs
@@ -204,6 +227,8 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
         check_real("target_gap", self.target_gap, low=-1, high=1)
         check_real("validation_fraction", self.validation_fraction, low=0, high=1, high_open=True)
         check_choice("baseline", self.baseline, _BASELINES)
+        if self.max_accuracy_drop is not None:
+            check_real("max_accuracy_drop", self.max_accuracy_drop, low=0, high=1)
         if self.ranker is not None and not hasattr(self.ranker, "score_samples"):
             raise ValueError(
                 f"ranker must be a SpuriosityRanker (with score_samples(A, y)), got {self.ranker!r}.")
@@ -283,13 +308,24 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
             if groups else float("nan")
         return gap, float(correct.mean())
 
-    def _train(self, head, opt, F_sel, t_sel, F_val, yv_idx, groups, gen, epochs):
-        """Train the head; record ``history_``; stop once the validation gap is below target.
+    @staticmethod
+    def _accuracy(head, F, t):
+        with torch.no_grad():
+            return float((head(F).argmax(dim=1) == t).float().mean())
 
-        Returns ``(epochs run, last validation gap, last validation accuracy)``.
+    def _train(self, head, opt, F_sel, t_sel, F_val, yv_idx, groups, F_tr, t_tr, gen, epochs):
+        """Train the head and record ``history_``.
+
+        Stops once the validation gap is below target (``stop_reason_ =
+        "target_gap"``) or the training accuracy breaks the guard
+        (``"accuracy"``). Returns ``(epochs run, best epoch, its head state,
+        its (val gap, val accuracy, train accuracy))``.
         """
         n_sel, bs = len(t_sel), int(self.batch_size)
-        epoch, gap, acc = 0, self.gap_before_, self.accuracy_before_
+        floor = (-np.inf if self.max_accuracy_drop is None
+                 else self.train_accuracy_before_ - float(self.max_accuracy_drop) - 1e-12)
+        best = (0, None, (self.gap_before_, self.accuracy_before_, self.train_accuracy_before_))
+        epoch = 0
         for epoch in epochs:
             head.train()
             order = torch.randperm(n_sel, generator=gen).to(self.device_)
@@ -300,12 +336,20 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
                 opt.step()
             head.eval()
             gap, acc = self._evaluate(head, F_val, yv_idx, groups)
+            tr_acc = self._accuracy(head, F_tr, t_tr)
             self.history_.append({"epoch": epoch, "loss": total / n_sel, "val_gap": gap,
-                                  "val_accuracy": acc})
+                                  "val_accuracy": acc, "train_accuracy": tr_acc})
+            if tr_acc < floor:
+                self.stop_reason_ = "accuracy"
+                break
+            if gap < self.target_gap or gap < best[2][0] or not np.isfinite(gap):
+                state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+                best = (epoch, state, (gap, acc, tr_acc))
             if gap < self.target_gap:
                 self.converged_ = True
+                self.stop_reason_ = "target_gap"
                 break
-        return epoch, gap, acc
+        return epoch, best
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y, spuriosity=None, validation_data=None):
@@ -405,32 +449,49 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
             p.requires_grad_(True)
         opt = torch.optim.Adam(head.parameters(), lr=float(self.lr),
                                weight_decay=float(self.weight_decay))
+        initial_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
         F_sel = F[sel].to(self.device_)
         t_sel = torch.as_tensor(y_idx[sel], dtype=torch.long, device=self.device_)
         F_val = F_val.to(self.device_)
+        F_tr = F[train_idx].to(self.device_)
+        t_tr = torch.as_tensor(y_idx[train_idx], dtype=torch.long, device=self.device_)
         groups = self._gap_groups(yv_idx, s_val, self.val_k_)
+        was_training = head.training
+        head.eval()
         self.gap_before_, self.accuracy_before_ = self._evaluate(head, F_val, yv_idx, groups)
+        self.train_accuracy_before_ = self._accuracy(head, F_tr, t_tr)
         self.history_ = []
         self.converged_ = bool(self.gap_before_ < self.target_gap)
-        gap, acc, epoch = self.gap_before_, self.accuracy_before_, 0
-        was_training = head.training
+        self.stop_reason_ = "target_gap" if self.converged_ else "max_epochs"
+        epoch = 0
+        best = (0, None, (self.gap_before_, self.accuracy_before_, self.train_accuracy_before_))
         epochs = progress_bar(range(1, int(self.max_epochs) + 1), self.progress,
                               total=int(self.max_epochs), desc="fine-tuning")
         with limit_threads(1):
             if not self.converged_:
-                epoch, gap, acc = self._train(head, opt, F_sel, t_sel, F_val, yv_idx, groups,
-                                              gen, epochs)
+                epoch, best = self._train(head, opt, F_sel, t_sel, F_val, yv_idx, groups,
+                                          F_tr, t_tr, gen, epochs)
+        self.best_epoch_, state, (gap, acc, tr_acc) = best
+        if state is None:  # no epoch improved on the original head: keep it
+            state = initial_state
+        with torch.no_grad():
+            for name, p in head.named_parameters():
+                p.copy_(state[name])
         head.train(was_training)
         for p in self.module_.parameters():
             p.requires_grad_(True)
         del self._output_checked
         self.n_epochs_ = int(epoch)
-        self.gap_after_, self.accuracy_after_ = gap, acc
+        self.gap_after_, self.accuracy_after_, self.train_accuracy_after_ = gap, acc, tr_acc
         if not self.converged_:
+            why = ("the training accuracy fell more than max_accuracy_drop="
+                   f"{self.max_accuracy_drop} after epoch {epoch}"
+                   if self.stop_reason_ == "accuracy" else
+                   f"max_epochs={self.max_epochs} epochs were run")
             warnings.warn(
-                f"The validation gap ({gap:.3f}) did not fall below target_gap="
-                f"{self.target_gap} in max_epochs={self.max_epochs} epochs; the last head is "
-                "kept.", ConvergenceWarning, stacklevel=2)
+                f"The validation gap did not fall below target_gap={self.target_gap} before "
+                f"{why}; the head of epoch {self.best_epoch_} (lowest validation gap, "
+                f"{gap:.3f}) is kept.", ConvergenceWarning, stacklevel=2)
         self.fit_time_ = time.perf_counter() - start
         return self
 
