@@ -12,26 +12,10 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 from torch import nn  # noqa: E402
 
+from _nets import AnyWidth  # noqa: E402
 from skdebias import ActivationExtractor, CAVEstimator, SpectralRelevanceAnalysis  # noqa: E402
 from skdebias.detection import spectral_embedding_eigengap  # noqa: E402
 from skdebias.plotting import plot_spray_embedding, plot_spuriosity_grid  # noqa: E402
-
-
-class AnyWidth(nn.Module):
-    """Tiny network for any number of input features (for the sklearn checks)."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.body = nn.Linear(2, 4)
-        self.head = nn.Linear(4, 3)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-
-    def forward(self, x):
-        x = x.flatten(1)
-        return self.head(torch.relu(self.body(torch.stack([x.mean(1), (x * x).mean(1)], 1))))
 
 
 def two_strategies(n=60, seed=0):

@@ -10,29 +10,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
+from _nets import AnyWidth
 from skdebias import ActivationExtractor, SpuriosityRanker, propose_features
 from skdebias._torch import limit_threads
 from skdebias.correction import SpuriosityHeadFinetuner
 from skdebias.metrics import spurious_gap
-
-
-class AnyWidth(nn.Module):
-    """Tiny network for any number of input features: two summary statistics -> hidden -> 3 logits."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.body = nn.Linear(2, 4)
-        self.act = nn.ReLU()
-        self.head = nn.Linear(4, 3)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-
-    def forward(self, x):
-        x = x.flatten(1)
-        stats = torch.stack([x.mean(1), (x * x).mean(1)], dim=1)
-        return self.head(self.act(self.body(stats)))
 
 
 def shortcut_data(n_per_class=60, seed=0):
