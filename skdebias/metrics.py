@@ -7,19 +7,16 @@ network plus data, and returns floats or dicts of floats.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.utils.metadata_routing import UNUSED as _UNUSED
+from sklearn.utils.metadata_routing import _MetadataRequester
 
 from ._validation import check_int
 
-__all__ = []
+__all__ = ["concept_sensitivity", "attacked_accuracy", "artifact_relevance",
+           "worst_group_accuracy", "make_debias_scorer", "DebiasScorer", "spurious_gap",
+           "counterfactual_bias"]
 
 # ---------------------------------------------------------------- correction metrics (CAV / ClArC)
-from sklearn.utils.metadata_routing import UNUSED as _UNUSED  # noqa: E402
-from sklearn.utils.metadata_routing import _MetadataRequester  # noqa: E402
-
-__all__ += ["concept_sensitivity", "attacked_accuracy", "artifact_relevance",
-            "worst_group_accuracy", "make_debias_scorer", "DebiasScorer"]
-
-
 def _network(net):
     """The network behind ``net``: a module or skorch net as is, else ``net.module_``
     (e.g. a fitted :class:`~skdebias.correction.GradientPenaltyCorrector`)."""
@@ -441,7 +438,6 @@ def make_debias_scorer(layer=None, cav=None, reference=None, sensitivity_weight=
 
 
 # ---------------------------------------------------------------- spuriosity metrics
-__all__ += ["spurious_gap"]
 
 
 def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=False):
@@ -535,7 +531,6 @@ def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=Fals
     return (gap, per_class) if return_per_class else gap
 
 # ---------------------------------------------------------------- counterfactual / group metrics
-__all__ += ["counterfactual_bias"]
 
 
 def counterfactual_bias(net, X, X_cf, y, *, signed=False, batch_size=256):
