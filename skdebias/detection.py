@@ -28,6 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._torch import get_module, iter_batches, n_samples, preserve_mode
 from .attribution import ATTRIBUTION_METHODS, attribute
 from .correction._base import check_y, encode_y, network_classes, take
+from ._tags import NetworkInputMixin
 from ._validation import check_int
 from .extraction import _check_input
 
@@ -88,7 +89,7 @@ def spectral_embedding_eigengap(affinity, max_clusters=8, n_clusters=None):
     return int(min(n_clusters, n)), vals, vecs
 
 
-class SpectralRelevanceAnalysis(BaseEstimator):
+class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
     """SpRAy: cluster the attribution maps of each class to find distinct strategies.
 
     For each analysed class ``c`` the maps ``R(x)`` of its samples (the
@@ -194,9 +195,7 @@ class SpectralRelevanceAnalysis(BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = True
         tags.target_tags.required = True
-        tags.non_deterministic = False
         return tags
 
     def _check_params(self):

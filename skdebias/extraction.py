@@ -9,6 +9,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from ._tags import NetworkInputMixin
 from ._validation import check_int
 from ._torch import (
     capture_output,
@@ -81,7 +82,7 @@ def _check_input(X, name="X"):
     return X, tuple(X.shape[1:])
 
 
-class ActivationExtractor(TransformerMixin, BaseEstimator):
+class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
     """Extract (pooled) activations of a named layer of a network.
 
     Parameters
@@ -136,10 +137,7 @@ class ActivationExtractor(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float32"]
-        tags.non_deterministic = False
-        tags.requires_fit = True
         return tags
 
     def _module_on_device(self, device):

@@ -29,6 +29,7 @@ from .._torch import (
     preserve_mode,
     resolve_device,
 )
+from .._tags import NetworkInputMixin
 from .._validation import check_choice, check_int, check_real
 from ..extraction import ActivationExtractor, _check_input
 
@@ -375,7 +376,7 @@ def build_net(net_class, module, corrector, max_epochs, extra=None):
 
 
 # ------------------------------------------------------------------ sklearn base
-class _CAVCorrector(ClassifierMixin, BaseEstimator):
+class _CAVCorrector(NetworkInputMixin, ClassifierMixin, BaseEstimator):
     """Base class: validation, CAV fitting and prediction through the corrected network.
 
     Subclasses implement ``_fit_network(X, y_idx, concept_labels, ctx)``.
@@ -391,7 +392,6 @@ class _CAVCorrector(ClassifierMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = True
         tags.non_deterministic = self.random_state is None
         return tags
 

@@ -34,6 +34,7 @@ from .._torch import (
     progress_bar,
     resolve_device,
 )
+from .._tags import NetworkInputMixin
 from .._validation import check_int, check_real
 from ..extraction import _check_input
 
@@ -167,7 +168,7 @@ def _solve(H, L, g):
 
 
 # ------------------------------------------------------------------ validation helpers
-class FastModelDebiaser(ClassifierMixin, BaseEstimator):
+class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
     """Fast Model Debiasing (FMD): remove a bias by unlearning on the last linear layer.
 
     Given counterfactual pairs ``(X[i], X_cf[i])`` that differ only in the bias
@@ -297,13 +298,6 @@ class FastModelDebiaser(ClassifierMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.progress = progress
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = True
-        tags.non_deterministic = False
-        tags.requires_fit = True
-        return tags
 
     # ---------------------------------------------------------------- validation
     def _check_params(self):

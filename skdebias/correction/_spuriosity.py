@@ -36,6 +36,7 @@ from .._torch import (
     set_seed,
 )
 from ..extraction import _check_input
+from .._tags import NetworkInputMixin
 from .._validation import check_choice, check_int, check_real
 from ._base import check_y, encode_y, network_classes
 
@@ -64,7 +65,7 @@ def _cross_entropy_step(head, F, t):
     return float(loss)
 
 
-class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
+class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator):
     """Fine-tune only the classification head on the least spurious samples of each class.
 
     1. The inputs of the head (penultimate features) are extracted for the
@@ -209,12 +210,6 @@ class SpuriosityHeadFinetuner(ClassifierMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.progress = progress
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = True
-        tags.non_deterministic = False
-        return tags
 
     # ------------------------------------------------------------------ validation
     def _check_params(self):
