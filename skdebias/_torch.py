@@ -37,6 +37,7 @@ __all__ = [
     "predict_proba",
     "copy_estimator",
     "last_linear",
+    "layer_inputs",
     "limit_threads",
 ]
 
@@ -326,6 +327,40 @@ def progress_bar(iterable, enabled: bool, total=None, desc=None):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc)
+
+
+def layer_inputs(module: nn.Module, name: str, X, batch_size: int, device, indices=None,
+                 check_output: str | None = None, progress: bool = False,
+                 desc: str | None = None) -> torch.Tensor:
+    """Inputs of the layer ``name`` (e.g. a linear head) for ``X``, flattened: float32 ``(n, d)`` on the CPU.
+
+    One forward pass per batch in eval mode without gradients (the module's
+    train/eval flags are restored). ``indices`` selects rows of ``X``. With
+    ``check_output`` (a hint for the error message), the first batch verifies
+    that the layer's output *is* the network's output, i.e. the layer produces
+    the logits; a ``ValueError`` naming the layer is raised otherwise.
+    """
+    layer = find_layer(module, name)
+    n = n_samples(X) if indices is None else len(indices)
+    batches = iter_batches(X, batch_size=batch_size, device=device, indices=indices)
+    feats = []
+    with preserve_mode(module, train=False), torch.no_grad():
+        for xb in progress_bar(batches, progress, total=-(-n // batch_size), desc=desc):
+            with capture_output(layer, capture_input=True) as store_in, \
+                    capture_output(layer) as store_out:
+                out = module(xb)
+            if not store_in:
+                raise RuntimeError(f"Layer {name!r} was not called in the forward pass.")
+            if check_output is not None:
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                if out.shape != store_out[-1].shape or not torch.allclose(
+                        out, store_out[-1], rtol=1e-4, atol=1e-5):
+                    raise ValueError(
+                        f"The output of layer {name!r} is not the network's output; {check_output}")
+                check_output = None
+            f = store_in[-1]
+            feats.append(f.reshape(f.shape[0], -1).float().cpu())
+    return torch.cat(feats)
 
 
 def predict_proba(estimator, X, batch_size: int = 256) -> np.ndarray:

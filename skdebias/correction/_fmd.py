@@ -22,16 +22,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._torch import (
-    capture_output,
     copy_estimator,
     find_layer,
     last_linear,
-    iter_batches,
+    layer_inputs,
     limit_threads,
     n_samples,
     predict_proba,
-    preserve_mode,
-    progress_bar,
     resolve_device,
 )
 from .._tags import NetworkInputMixin
@@ -340,31 +337,13 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         return y.astype(np.int64)
 
     # ---------------------------------------------------------------- features
-    def _features(self, X, indices=None, desc="features"):
+    def _features(self, X, indices=None, desc="features", check_output=False):
         """Inputs of the last layer (float64, CPU) for ``X`` (optionally a subset)."""
-        layer = find_layer(self.module_, self.layer_)
-        n = n_samples(X) if indices is None else len(indices)
-        batches = iter_batches(X, batch_size=self.batch_size, device=self.device_,
-                               indices=indices)
-        feats = []
-        with preserve_mode(self.module_, train=False), torch.no_grad():
-            for xb in progress_bar(batches, self.progress, total=-(-n // self.batch_size),
-                                   desc=desc):
-                with capture_output(layer, capture_input=True) as store_in, \
-                        capture_output(layer) as store_out:
-                    out = self.module_(xb)
-                if not store_in:
-                    raise RuntimeError(f"Layer {self.layer_!r} was not called in the forward pass.")
-                if not getattr(self, "_checked_output", False):
-                    if out.shape != store_out[-1].shape or not torch.allclose(
-                            out, store_out[-1], rtol=1e-4, atol=1e-5):
-                        raise ValueError(
-                            f"The output of layer {self.layer_!r} is not the network's output: "
-                            "FastModelDebiaser needs the last linear layer to produce the logits.")
-                    self._checked_output = True
-                feats.append(store_in[-1].reshape(store_in[-1].shape[0], -1).to(
-                    device="cpu", dtype=torch.float64))
-        return torch.cat(feats)
+        hint = ("FastModelDebiaser needs the last linear layer to produce the logits."
+                if check_output else None)
+        return layer_inputs(self.module_, self.layer_, X, self.batch_size, self.device_,
+                            indices=indices, check_output=hint, progress=self.progress,
+                            desc=desc).double()
 
     def _check_X(self, X, name="X"):
         X, shape = _check_input(X, name=name)
@@ -442,13 +421,11 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         if n_val == 0:
             val_idx = fit_idx
 
-        self._checked_output = False
         all_idx = np.concatenate([fit_idx, val_idx]) if n_val else fit_idx
-        F = _augment(self._features(X, np.sort(all_idx))) if has_bias else \
-            self._features(X, np.sort(all_idx))
-        F_cf = _augment(self._features(X_cf, np.sort(all_idx), desc="counterfactual features")) \
-            if has_bias else self._features(X_cf, np.sort(all_idx), desc="counterfactual features")
-        del self._checked_output
+        F = self._features(X, np.sort(all_idx), check_output=True)
+        F_cf = self._features(X_cf, np.sort(all_idx), desc="counterfactual features")
+        if has_bias:
+            F, F_cf = _augment(F), _augment(F_cf)
         pos = {int(i): k for k, i in enumerate(np.sort(all_idx))}
         fi = torch.as_tensor([pos[int(i)] for i in fit_idx])
         vi = torch.as_tensor([pos[int(i)] for i in val_idx])
@@ -557,11 +534,7 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         n = n_samples(X_train)
         y_train = self._labels(y_train, n, len(self.classes_), name="y_train")
         # the features are those of the original network: only the last layer changed
-        self._checked_output = True
-        try:
-            F = self._features(X_train, desc="training features")
-        finally:
-            del self._checked_output
+        F = self._features(X_train, desc="training features")
         if self._has_bias:
             F = _augment(F)
         G = _loss_gradients(self._theta0, F, torch.as_tensor(y_train))

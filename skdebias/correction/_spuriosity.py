@@ -22,15 +22,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .._torch import (
-    capture_output,
     copy_estimator,
     last_linear,
+    layer_inputs,
     find_layer,
-    iter_batches,
     limit_threads,
     n_samples,
     predict_proba,
-    preserve_mode,
     progress_bar,
     resolve_device,
     set_seed,
@@ -229,31 +227,12 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
                 f"ranker must be a SpuriosityRanker (with score_samples(A, y)), got {self.ranker!r}.")
 
     # ------------------------------------------------------------------ features
-    def _features(self, X, desc="head inputs"):
+    def _features(self, X, desc="head inputs", check_output=False):
         """Inputs of the head for ``X``: float32 tensor (n, d) on the CPU."""
-        head = find_layer(self.module_, self.head_)
-        n = n_samples(X)
-        feats = []
-        batches = iter_batches(X, batch_size=self.batch_size, device=self.device_)
-        with preserve_mode(self.module_, train=False), torch.no_grad():
-            for xb in progress_bar(batches, self.progress, total=-(-n // self.batch_size),
-                                   desc=desc):
-                with capture_output(head, capture_input=True) as store_in, \
-                        capture_output(head) as store_out:
-                    out = self.module_(xb)
-                if not store_in:
-                    raise ValueError(f"The head {self.head_!r} is not called in the forward pass.")
-                if not self._output_checked:
-                    out = out[0] if isinstance(out, (tuple, list)) else out
-                    if out.shape != store_out[-1].shape or not torch.allclose(
-                            out, store_out[-1], rtol=1e-4, atol=1e-5):
-                        raise ValueError(
-                            f"The output of head {self.head_!r} is not the network's output; "
-                            "SpuriosityHeadFinetuner trains the layer that produces the logits.")
-                    self._output_checked = True
-                f = store_in[-1]
-                feats.append(f.reshape(f.shape[0], -1).float().cpu())
-        return torch.cat(feats)
+        hint = ("SpuriosityHeadFinetuner trains the layer that produces the logits."
+                if check_output else None)
+        return layer_inputs(self.module_, self.head_, X, self.batch_size, self.device_,
+                            check_output=hint, progress=self.progress, desc=desc)
 
     def _spuriosity(self, F, y, given, name):
         if given is not None:
@@ -386,8 +365,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         rng = check_random_state(self.random_state)
         gen = set_seed(rng.randint(np.iinfo(np.int32).max))
 
-        self._output_checked = False
-        F = self._features(X)
+        F = self._features(X, check_output=True)
         self.classes_ = network_classes(self.estimator, head.out_features)
         y_idx = encode_y(y, self.classes_)
 
@@ -475,7 +453,6 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         head.train(was_training)
         for p in self.module_.parameters():
             p.requires_grad_(True)
-        del self._output_checked
         self.n_epochs_ = int(epoch)
         self.gap_after_, self.accuracy_after_, self.train_accuracy_after_ = gap, acc, tr_acc
         if not self.converged_:
@@ -517,11 +494,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         check_is_fitted(self, "estimator_")
         X, _ = _check_input(X)
         y = check_y(y, n_samples(X))
-        self._output_checked = True
-        try:
-            F = self._features(X)
-        finally:
-            del self._output_checked
+        F = self._features(X)
         s = self._spuriosity(F, y, spuriosity, "spuriosity")
         return self._select(encode_y(y, self.classes_), s, check_random_state(self.random_state))
 
