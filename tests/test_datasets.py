@@ -191,15 +191,15 @@ def test_colored_image_size():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"rho": 1.5}, r"rho must be a float in \[0, 1\], got 1.5"),
-    ({"rho": -0.1}, r"rho.*\[0, 1\].*-0.1"),
-    ({"rho": "0.9"}, r"rho.*\[0, 1\]"),
+    ({"rho": 1.5}, r"rho must be a finite number >= 0 and <= 1, got 1.5"),
+    ({"rho": -0.1}, r"rho must be a finite number >= 0 and <= 1, got -0.1"),
+    ({"rho": "0.9"}, r"rho must be a finite number >= 0 and <= 1, got '0.9'"),
     ({"rho": float("nan")}, r"rho.*nan"),
     ({"mode": "stroke"}, r"mode must be one of \('background', 'foreground'\), got 'stroke'"),
     ({"image_size": 4}, r"image_size must be an integer >= 8, got 4"),
     ({"image_size": 28.0}, r"image_size.*28.0"),
-    ({"test_size": 0.0}, r"test_size.*\(0, 1\)"),
-    ({"test_size": 1.0}, r"test_size.*\(0, 1\)"),
+    ({"test_size": 0.0}, r"test_size must be a finite number > 0 and < 1, got 0.0"),
+    ({"test_size": 1.0}, r"test_size must be a finite number > 0 and < 1, got 1.0"),
 ])
 def test_colored_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -346,8 +346,8 @@ def test_artifact_mutation_does_not_leak():
     ({"target_class": 10}, r"target_class must be an integer in 0\.\.9, got 10"),
     ({"target_class": -1}, r"target_class.*0\.\.9.*-1"),
     ({"target_class": 1.5}, r"target_class.*1.5"),
-    ({"p": 1.2}, r"p must be a float in \[0, 1\], got 1.2"),
-    ({"p": -0.5}, r"p must be a float in \[0, 1\]"),
+    ({"p": 1.2}, r"p must be a finite number >= 0 and <= 1, got 1.2"),
+    ({"p": -0.5}, r"p must be a finite number >= 0 and <= 1, got -0.5"),
     ({"artifact": "sticker"}, r"artifact must be one of \('patch', 'timestamp', 'lsb', "
                               r"'brightness'\), got 'sticker'"),
     ({"image_size": 7}, r"image_size must be an integer >= 8, got 7"),

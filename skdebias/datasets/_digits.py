@@ -12,13 +12,14 @@ Two controlled settings, both built from the 1,797 real digits of
 from __future__ import annotations
 
 import functools
-import numbers
 
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.utils import Bunch, check_random_state
+
+from .._validation import check_int, check_real
 
 __all__ = ["make_colored_digits", "make_artifact_digits", "ARTIFACTS", "COLORS"]
 
@@ -58,28 +59,6 @@ _FONT = {
 _STAMP_TEXT = "10:42"
 
 
-# ------------------------------------------------------------------ validation
-def _check_fraction(name, value):
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-            or not 0.0 <= float(value) <= 1.0):
-        raise ValueError(f"{name} must be a float in [0, 1], got {value!r}.")
-    return float(value)
-
-
-def _check_image_size(image_size):
-    if (not isinstance(image_size, numbers.Integral) or isinstance(image_size, bool)
-            or image_size < 8):
-        raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}.")
-    return int(image_size)
-
-
-def _check_test_size(test_size):
-    if (not isinstance(test_size, numbers.Real) or isinstance(test_size, bool)
-            or not 0.0 < float(test_size) < 1.0):
-        raise ValueError(f"test_size must be a float in (0, 1), got {test_size!r}.")
-    return float(test_size)
-
-
 # ------------------------------------------------------------------ base digits
 @functools.lru_cache(maxsize=8)
 def _load_base_digits(image_size):
@@ -101,7 +80,7 @@ def _base_digits(image_size=28):
     Returns ``(images, y)``: float32 ``(1797, image_size, image_size)`` and int64
     labels, fresh copies of a cache keyed on ``image_size``.
     """
-    grey, y = _load_base_digits(_check_image_size(image_size))
+    grey, y = _load_base_digits(check_int("image_size", image_size, low=8))
     return grey.copy(), y.copy()
 
 
@@ -194,11 +173,11 @@ def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactu
     >>> bool(data.concept.mean() > 0.95), bool(data.concept_test.mean() < 0.2)
     (True, True)
     """
-    rho = _check_fraction("rho", rho)
+    rho = check_real("rho", rho, low=0, high=1)
     if not isinstance(mode, str) or mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-    image_size = _check_image_size(image_size)
-    test_size = _check_test_size(test_size)
+    image_size = check_int("image_size", image_size, low=8)
+    test_size = check_real("test_size", test_size, low=0, high=1, low_open=True, high_open=True)
     rng = check_random_state(random_state)
     g_tr, y_tr, g_te, y_te = _split(image_size, test_size, rng)
 
@@ -357,14 +336,12 @@ def make_artifact_digits(target_class=0, p=0.3, artifact="patch", image_size=28,
     >>> X_attacked.shape == data.X_test.shape
     True
     """
-    if (not isinstance(target_class, numbers.Integral) or isinstance(target_class, bool)
-            or not 0 <= target_class <= 9):
-        raise ValueError(f"target_class must be an integer in 0..9, got {target_class!r}.")
-    p = _check_fraction("p", p)
+    target_class = check_int("target_class", target_class, low=0, high=9)
+    p = check_real("p", p, low=0, high=1)
     if not isinstance(artifact, str) or artifact not in ARTIFACTS:
         raise ValueError(f"artifact must be one of {ARTIFACTS}, got {artifact!r}.")
-    image_size = _check_image_size(image_size)
-    test_size = _check_test_size(test_size)
+    image_size = check_int("image_size", image_size, low=8)
+    test_size = check_real("test_size", test_size, low=0, high=1, low_open=True, high_open=True)
     rng = check_random_state(random_state)
     g_tr, y_tr, g_te, y_te = _split(image_size, test_size, rng)
     mask = _artifact_mask(artifact, image_size)
