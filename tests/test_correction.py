@@ -301,7 +301,8 @@ def test_pclarc_moves_every_sample_to_the_clean_reference(pclarc_fitted, artifac
     assert s["mean_abs"] < 1e-6
 
 
-def test_aclarc_fine_tunes_then_removes_the_shift(small, artifact_net, artifact_data):
+def test_aclarc_fine_tunes_then_removes_the_shift(small, artifact_net, artifact_data,
+                                                 vanilla_scores):
     X, y, c = small
     d = artifact_data
     ac = ClassArtifactCompensator(artifact_net, LAYER, mode="augmentative", max_epochs=2,
@@ -312,10 +313,13 @@ def test_aclarc_fine_tunes_then_removes_the_shift(small, artifact_net, artifact_
     assert before.keys() == after.keys()
     torch.testing.assert_close(after["features.6.weight"], before["features.6.weight"])
     assert not torch.equal(after["classifier.0.weight"], before["classifier.0.weight"])
-    X_att = d.add_artifact(d.X_test)
-    s_before = concept_sensitivity(artifact_net, X_att, LAYER, ac.cav_, target=0)["mean_abs"]
-    s_after = concept_sensitivity(ac, X_att, LAYER, ac.cav_, target=0)["mean_abs"]
-    assert s_after < s_before
+    # A-ClArC shows in the attacked accuracy, not in the gradient along the CAV (which stays
+    # within ~2% of vanilla: the demo's sensitivity ratio is 0.98; which side of 1 it lands on
+    # depends on the CPU's float kernels)
+    gap = vanilla_scores["clean"] - vanilla_scores["attacked"]
+    attacked = attacked_accuracy(ac, d.X_test, d.y_test, d.add_artifact)
+    assert attacked - vanilla_scores["attacked"] >= 0.5 * gap
+    assert ac.score(d.X_test, d.y_test) >= vanilla_scores["clean"] - 0.05
     assert ac.mu_artifact_ == pytest.approx(ac.reference_)
 
 
