@@ -183,11 +183,12 @@ def capture_output(layer: nn.Module, detach: bool = True, stop: bool = False,
     With ``stop=True`` the forward pass is aborted right after ``layer``
     (wrap the call in :func:`stop_after`). The hook is removed on exit, also
     when an exception is raised.
-    With ``requires_grad=True`` (output capture, ``detach=False``) a tensor
-    output that is not part of an autograd graph (e.g. all earlier layers
-    frozen) is recorded, while gradients are enabled, as a leaf that requires
-    grad (the forward goes on from it), so ``torch.autograd.grad(f, store[-1])``
-    works downstream.
+    With ``detach=False`` (output capture) the forward goes on with a copy of
+    the recorded tensor, so in-place operations after ``layer`` cannot change
+    it and ``torch.autograd.grad(f, store[-1])`` is the gradient at ``layer``.
+    With ``requires_grad=True`` as well, a tensor output that is not part of an
+    autograd graph (e.g. all earlier layers frozen) is recorded, while
+    gradients are enabled, as a leaf that requires grad.
     """
     store: list[torch.Tensor] = []
 
@@ -198,10 +199,12 @@ def capture_output(layer: nn.Module, detach: bool = True, stop: bool = False,
         if isinstance(output, (tuple, list)):
             output = output[0]
         replaced = None
-        if (requires_grad and not capture_input and isinstance(raw, torch.Tensor)
-                and torch.is_grad_enabled() and not raw.requires_grad):
-            output = output.detach().requires_grad_(True)
-            replaced = output.clone()  # the forward goes on with a copy: in-place ops are safe
+        if not detach and not capture_input and isinstance(raw, torch.Tensor):
+            if requires_grad and torch.is_grad_enabled() and not raw.requires_grad:
+                output = output.detach().requires_grad_(True)
+            # the forward goes on with a copy, so an in-place op after the layer (e.g.
+            # ReLU(inplace=True)) cannot overwrite the recorded tensor
+            replaced = output.clone() if not stop else None
         store.append(output.detach() if detach else output)
         if stop:
             raise _StopForward
@@ -277,7 +280,10 @@ def iter_batches(X, batch_size: int = 128, y=None, device=None, dtype=torch.floa
             xb = X[torch.as_tensor(idx, device=X.device)] if indices is not None else X[start:start + batch_size]
         else:
             xb = torch.as_tensor(np.asarray(X[idx] if indices is not None else X[start:start + batch_size]))
-        xb = xb.to(device=device, dtype=dtype) if dtype is not None else xb.to(device=device)
+        moved = xb.to(device=device, dtype=dtype) if dtype is not None else xb.to(device=device)
+        if indices is None and not _is_dataset(X) and moved.data_ptr() == xb.data_ptr():
+            moved = moved.clone()  # a slice of the caller's X: an in-place first layer must not write into it
+        xb = moved
         if y is None:
             yield xb
         else:

@@ -50,7 +50,7 @@ def resolve_composite(composite):
 def _targets(module, xb, target, start):
     if target is None:
         with torch.no_grad():
-            return module(xb).argmax(dim=1)
+            return module(xb.clone()).argmax(dim=1)  # a copy: an in-place first layer keeps xb
     if np.ndim(target) == 0:
         return torch.full((xb.shape[0],), int(target), dtype=torch.long, device=xb.device)
     return torch.as_tensor(np.asarray(target)[start:start + xb.shape[0]], dtype=torch.long,
@@ -58,8 +58,8 @@ def _targets(module, xb, target, start):
 
 
 def _gradient_batch(module, xb, tb, times_input):
-    xb = xb.clone().requires_grad_(True)
-    out = module(xb)
+    xb = xb.detach().clone().requires_grad_(True)
+    out = module(xb.clone())  # the leaf stays intact under an in-place first layer
     sel = out.gather(1, tb[:, None]).sum()
     (grad,) = torch.autograd.grad(sel, xb)
     return grad * xb.detach() if times_input else grad
@@ -112,12 +112,14 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {ATTRIBUTION_METHODS}.")
+    n = n_samples(X)
+    if n == 0:
+        raise ValueError("X is empty: attribute needs at least one sample.")
     dev = resolve_device(device)
     module = copy_module(get_module(estimator)).to(dev)
     for p in module.parameters():
         p.requires_grad_(False)
     comp = resolve_composite(composite) if method == "lrp" else None
-    n = n_samples(X)
     out = None
     start = 0
     with preserve_mode(module, train=False):

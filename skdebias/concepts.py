@@ -217,6 +217,18 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
         t_c = t - np.average(t, weights=w_s)
         return ((w_s * t_c).astype(A.dtype) @ A).astype(np.float64) / np.sum(w_s * t_c ** 2)
 
+    def _class_weight_by_index(self):
+        """``class_weight`` for the internal 0/1 labels (a dict is keyed by the user's labels)."""
+        if not isinstance(self.class_weight, dict):
+            return self.class_weight
+        missing = [c for c in self.classes_.tolist() if c not in self.class_weight]
+        if missing:
+            raise ValueError(
+                f"class_weight has no weight for the concept label(s) {missing}; its keys must be "
+                f"the labels passed to fit ({self.classes_.tolist()}), got "
+                f"{sorted(self.class_weight, key=str)}.")
+        return {i: self.class_weight[c] for i, c in enumerate(self.classes_.tolist())}
+
     def _filter(self, A, t_idx, sw):
         from sklearn.linear_model import Lasso, LogisticRegression, RidgeClassifier
         from sklearn.svm import LinearSVC
@@ -227,19 +239,20 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
             scale[scale == 0] = 1.0
         Z = (A - self.mean_) / scale
         common = dict(fit_intercept=self.fit_intercept)
+        class_weight = self._class_weight_by_index()
         if self.method == "svm":
-            model = LinearSVC(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
+            model = LinearSVC(C=self.C, class_weight=class_weight, max_iter=self.max_iter,
                               random_state=self.random_state, **common)
         elif self.method == "logistic":
-            model = LogisticRegression(C=self.C, class_weight=self.class_weight,
+            model = LogisticRegression(C=self.C, class_weight=class_weight,
                                        max_iter=self.max_iter, **common)
         elif self.method == "ridge":
-            model = RidgeClassifier(alpha=self.alpha, class_weight=self.class_weight,
+            model = RidgeClassifier(alpha=self.alpha, class_weight=class_weight,
                                     random_state=self.random_state, **common)
         else:  # lasso: least squares on +-1 targets with class-balanced sample weights
             model = Lasso(alpha=self.alpha, max_iter=self.max_iter,
                           random_state=self.random_state, **common)
-            weights = compute_sample_weight(self.class_weight, t_idx) if self.class_weight else None
+            weights = compute_sample_weight(class_weight, t_idx) if class_weight else None
             if sw is not None:
                 weights = sw if weights is None else weights * sw
             with warnings.catch_warnings():

@@ -390,7 +390,10 @@ class DebiasScorer(_MetadataRequester):
                     "the scored estimator is a corrector with estimator and layer.")
             ref = concept_sensitivity(original, X_s, ref_layer, cav, target=target,
                                       pooling=self.pooling, batch_size=self.batch_size)["mean_abs"]
-        removed = 1.0 - min(s / ref, 1.0) if ref > 0 else 1.0
+        if ref > 0:
+            removed = 1.0 - min(s / ref, 1.0)
+        else:  # nothing to remove: full credit only if the scored model has none either
+            removed = 1.0 if s == 0 else 0.0
         return (1.0 - w) * acc + w * removed
 
 
@@ -440,6 +443,21 @@ def make_debias_scorer(layer=None, cav=None, reference=None, sensitivity_weight=
 # ---------------------------------------------------------------- spuriosity metrics
 
 
+def _end_weights(values, k):
+    """Weights selecting the ``k`` samples with the lowest ``values`` (they sum to ``k``).
+
+    Samples tied with the k-th value share the places left (the expected selection over random
+    tie-breaking), so a mean over the selection does not depend on the order of the samples.
+    Used by :func:`spurious_gap` and the head fine-tuner's validation gap.
+    """
+    values = np.asarray(values)
+    kth = np.sort(values)[k - 1]
+    below, tied = values < kth, values == kth
+    w = below.astype(np.float64)
+    w[tied] = (k - below.sum()) / tied.sum()
+    return w
+
+
 def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=False):
     """Accuracy gap between the most and the least spurious samples of each class.
 
@@ -471,7 +489,9 @@ def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=Fals
     k : int, default=10
         Samples per class at each end (the paper uses 10 validation images
         per class). The two ends overlap for classes with fewer than ``2 k``
-        samples.
+        samples. Samples tied at the k-th value count with equal shares (the
+        expected accuracy over random tie-breaking), so the gap does not depend
+        on the order of the samples.
     return_per_class : bool, default=False
         Also return ``{class: gap}``.
 
@@ -517,14 +537,14 @@ def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=Fals
             continue
         if not finite.all():
             raise ValueError(
-                f"spuriosity of class {c!r} mixes NaN and finite values; give every sample "
-                "of a scored class a spuriosity.")
+                f"spuriosity of class {c!r} mixes NaN (or infinite) and finite values; give "
+                "every sample of a scored class a finite spuriosity.")
         if k > len(idx):
             raise ValueError(
                 f"k={k} is larger than class {c!r}, which has {len(idx)} samples; use "
                 f"k <= {len(idx)}.")
-        order = idx[np.argsort(s[idx], kind="stable")]
-        per_class[c] = float(correct[order[len(order) - k:]].mean() - correct[order[:k]].mean())
+        w = _end_weights(-s[idx], k) - _end_weights(s[idx], k)  # highest k minus lowest k
+        per_class[c] = float(w @ correct[idx] / k)
     if not per_class:
         raise ValueError("spuriosity is NaN for every sample: no class has spurious features.")
     gap = float(np.mean(list(per_class.values())))
@@ -572,6 +592,7 @@ def counterfactual_bias(net, X, X_cf, y, *, signed=False, batch_size=256):
     0.0
     """
     from ._torch import n_samples, predict_proba
+    from .correction._base import encode_y, network_classes
 
     n, n_cf = n_samples(X), n_samples(X_cf)
     shape = tuple(getattr(X, "shape", ())[1:])
@@ -587,10 +608,7 @@ def counterfactual_bias(net, X, X_cf, y, *, signed=False, batch_size=256):
         raise ValueError("X is empty: counterfactual_bias needs at least one pair.")
     p = predict_proba(net, X, batch_size=batch_size)
     p_cf = predict_proba(net, X_cf, batch_size=batch_size)
-    if y.min() < 0 or y.max() >= p.shape[1]:
-        raise ValueError(
-            f"y must hold class indices in [0, {p.shape[1] - 1}] (the network's outputs); "
-            f"got values in [{y.min()}, {y.max()}].")
+    y = encode_y(y, network_classes(net, p.shape[1]))  # labels -> output columns
     rows = np.arange(n)
     diff = p[rows, y].astype(np.float64) - p_cf[rows, y].astype(np.float64)
     return float(diff.mean() if signed else np.abs(diff).mean())

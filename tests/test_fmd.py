@@ -262,7 +262,8 @@ def test_counterfactual_bias_values():
         counterfactual_bias(Fixed(), X, X_cf[:1], y)
     with pytest.raises(ValueError, match="y has 1 labels"):
         counterfactual_bias(Fixed(), X, X_cf, y[:1])
-    with pytest.raises(ValueError, match="class indices"):
+    with pytest.raises(ValueError,
+                       match=r"labels \[2\] that are not among the network.s classes \[0, 1\]"):
         counterfactual_bias(Fixed(), X, X_cf, np.array([0, 2]))
 
 
