@@ -293,8 +293,7 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
         X, shape = _check_input(X)
         n = n_samples(X)
         y = check_y(y, n)
-        if shape is not None and len(shape) == 1:
-            self.n_features_in_ = shape[0]
+        self._set_n_features_in(shape)
         out_classes = network_classes(self.estimator, self._n_outputs(X))
         y_idx = encode_y(y, out_classes)
         present = np.unique(y)
@@ -382,11 +381,11 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
             raise ValueError(f"scope={scope!r} is not valid; choose 'all' or 'class'.")
         clusters = np.atleast_1d(np.asarray(cluster))
         k = self.n_clusters_[c]
-        bad = [int(j) for j in clusters.tolist() if not (isinstance(j, numbers.Integral)
-                                                          and 0 <= j < k)]
+        bad = [j for j in clusters.tolist() if isinstance(j, bool)
+               or not (isinstance(j, numbers.Integral) and 0 <= j < k)]
         if bad:
             raise ValueError(
-                f"cluster {bad} does not exist for class {c!r}, which has {k} clusters "
+                f"cluster {bad!r} does not exist for class {c!r}, which has {k} clusters "
                 f"(0..{k - 1}).")
         idx = self.indices_[c]
         member = np.isin(self.labels_[idx], clusters).astype(np.int64)

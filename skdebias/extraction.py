@@ -167,8 +167,7 @@ class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
         check_int("batch_size", self.batch_size)
         self.device_ = resolve_device(self.device)
         X, self.input_shape_ = _check_input(X)
-        if self.input_shape_ is not None and len(self.input_shape_) == 1:
-            self.n_features_in_ = self.input_shape_[0]
+        self._set_n_features_in(self.input_shape_)
         self.module_ = self._module_on_device(self.device_)
         find_layer(self.module_, self.layer)
         first = next(iter_batches(X, batch_size=1, device=self.device_))

@@ -257,7 +257,9 @@ def resolve_train_layers(module, layer, train_layers, before):
                 if pname.startswith(layer + "."):
                     frozen.add(pname)
             trainable = set(named) - frozen
-            eval_modules = sorted(set(before) - {""})
+            # the layer's ancestors (containers such as "features" or "layer3.1") also start
+            # before it ends, but eval() on them would reach the trained modules after it
+            eval_modules = sorted(m for m in set(before) - {""} if not layer.startswith(m + "."))
     else:
         if not isinstance(train_layers, (list, tuple)) or not train_layers or not all(
                 isinstance(p, str) for p in train_layers):
@@ -421,10 +423,7 @@ class _CAVCorrector(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         y = check_y(y, n)
         concept_labels = check_concept_labels(concept_labels, n, required=require_concepts)
         self.input_shape_ = shape
-        if shape is not None and len(shape) == 1:
-            self.n_features_in_ = shape[0]
-        elif hasattr(self, "n_features_in_"):
-            del self.n_features_in_
+        self._set_n_features_in(shape)
         set_seed(self.random_state)
         module = copy_network(self.estimator)
         device = resolve_device(self.device)

@@ -389,8 +389,7 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         if n < 2:
             raise ValueError(
                 f"FastModelDebiaser needs at least 2 counterfactual pairs, got n_samples={n}.")
-        if shape is not None and len(shape) == 1:
-            self.n_features_in_ = shape[0]
+        self._set_n_features_in(shape)
 
         self.device_ = resolve_device(self.device)
         self.estimator_, self.module_ = copy_estimator(self.estimator, self.device_)

@@ -305,7 +305,10 @@ class GradientPenaltyCorrector(_CAVCorrector):
         holds out a validation split (the penalty is logged there as ``valid_rr``).
     warm_start : bool, default=False
         If True, a second ``fit`` continues training the corrected network
-        (same CAV) instead of starting again from ``estimator``.
+        instead of starting again from ``estimator``. It keeps the CAV, layer,
+        ``train_layers``, batch size and callbacks of the first fit; ``penalty``,
+        ``gradient_target``, ``aggregation``, ``max_epochs`` and ``lr`` take
+        their current values.
     net_params : dict or None, default=None
         Further arguments of the skorch ``NeuralNetClassifier`` (e.g.
         ``{"optimizer__weight_decay": 1e-4, "iterator_train__num_workers": 2}``).
@@ -436,8 +439,10 @@ class GradientPenaltyCorrector(_CAVCorrector):
         check_is_fitted(self, "estimator_")
         X, _ = _check_input(X)
         X = self._check_X_predict(X)
-        from .._torch import n_samples
+        from .._torch import dataset_targets, n_samples
 
+        if y is None:  # a Dataset of (x, y) items, as in the first fit
+            y = dataset_targets(X)
         y_idx = encode_y(check_y(y, n_samples(X)), self.classes_)
         net = self.estimator_
         net.set_params(rr_penalty=float(self.penalty), rr_gradient_target=self.gradient_target,

@@ -264,22 +264,23 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
 
     @staticmethod
     def _gap_groups(y_idx, s, k):
-        """Per scored class: (lowest-k, highest-k) positions, as in ``spurious_gap``."""
+        """Per scored class: its positions and the weights ``(highest k) - (lowest k)`` divided
+        by ``k``, with ties shared as in ``spurious_gap``."""
+        from ..metrics import _end_weights
+
         groups = []
         for c in np.unique(y_idx):
             idx = np.flatnonzero(y_idx == c)
             if not np.isfinite(s[idx]).all():
                 continue
-            order = idx[np.argsort(s[idx], kind="stable")]
-            groups.append((order[:k], order[len(order) - k:]))
+            groups.append((idx, (_end_weights(-s[idx], k) - _end_weights(s[idx], k)) / k))
         return groups
 
     def _evaluate(self, head, F, y_idx, groups):
         with torch.no_grad():
             pred = head(F).argmax(dim=1).cpu().numpy()
         correct = pred == y_idx
-        gap = float(np.mean([correct[hi].mean() - correct[lo].mean() for lo, hi in groups])) \
-            if groups else float("nan")
+        gap = float(np.mean([w @ correct[idx] for idx, w in groups])) if groups else float("nan")
         return gap, float(correct.mean())
 
     @staticmethod
@@ -351,8 +352,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         self._check_params()
         X, shape = _check_input(X)
         n = n_samples(X)
-        if shape is not None and len(shape) == 1:
-            self.n_features_in_ = shape[0]
+        self._set_n_features_in(shape)
         y = check_y(y, n)
         self.device_ = resolve_device(self.device)
         self.estimator_, self.module_ = copy_estimator(self.estimator, self.device_)
@@ -363,7 +363,9 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
                 f"head={self.head_!r} is a {type(head).__name__}; SpuriosityHeadFinetuner trains "
                 "a torch.nn.Linear head (head=None picks the last one).")
         rng = check_random_state(self.random_state)
-        gen = set_seed(rng.randint(np.iinfo(np.int32).max))
+        seed = rng.randint(np.iinfo(np.int32).max)
+        # random_state=None leaves torch's global RNG alone (the shuffles then draw from it)
+        gen = set_seed(seed) if self.random_state is not None else None
 
         F = self._features(X, check_output=True)
         self.classes_ = network_classes(self.estimator, head.out_features)
@@ -415,7 +417,8 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         sel = train_idx[self._select(y_idx[train_idx], s[train_idx], rng)]
         self.selected_indices_ = sel
 
-        # training of the head only
+        # training of the head only; the copy's own requires_grad flags come back afterwards
+        flags = [(p, p.requires_grad) for p in self.module_.parameters()]
         for p in self.module_.parameters():
             p.requires_grad_(False)
         for p in head.parameters():
@@ -451,8 +454,8 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
             for name, p in head.named_parameters():
                 p.copy_(state[name])
         head.train(was_training)
-        for p in self.module_.parameters():
-            p.requires_grad_(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
         self.n_epochs_ = int(epoch)
         self.gap_after_, self.accuracy_after_, self.train_accuracy_after_ = gap, acc, tr_acc
         if not self.converged_:
