@@ -22,6 +22,7 @@ __all__ = [
     "resolve_device",
     "get_module",
     "find_layer",
+    "replace_module",
     "layer_names",
     "n_samples",
     "iter_batches",
@@ -138,6 +139,15 @@ def last_linear(module: nn.Module, param: str = "layer") -> str:
             f"The network has no torch.nn.Linear layer to use by default; pass {param}='<name>' "
             "(see dict(module.named_modules())).")
     return names[-1]
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the sub-module ``name`` of ``root`` is; return the old one."""
+    old = find_layer(root, name)
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+    return old
 
 
 def copy_module(module: nn.Module) -> nn.Module:

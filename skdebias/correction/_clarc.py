@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._torch import find_layer, set_seed
+from .._torch import find_layer, replace_module, set_seed
 from .._validation import check_choice, check_int
 from ..extraction import pool_activations
 from ._base import (
@@ -95,15 +95,6 @@ class CompensatedLayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.compensation(self.layer(*args, **kwargs))
-
-
-def _replace(root, name, new):
-    """Put ``new`` where the sub-module ``name`` is; return the old one."""
-    old = find_layer(root, name)
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-    return old
 
 
 class ClassArtifactCompensator(_CAVCorrector):
@@ -254,7 +245,7 @@ class ClassArtifactCompensator(_CAVCorrector):
         original = find_layer(module, self.layer)
         compensated = CompensatedLayer(original, ConceptCompensation(self.cav_, self.reference_))
         compensated.to(ctx["device"])
-        _replace(module, self.layer, compensated)
+        replace_module(module, self.layer, compensated)
         eval_modules = [self._renamed(m) for m in eval_modules]
         net = build_net(_CorrectionNet, module, self, self.max_epochs,
                         extra=dict(eval_modules=eval_modules))
@@ -264,7 +255,7 @@ class ClassArtifactCompensator(_CAVCorrector):
         else:
             net.initialize()
         if self.mode == "augmentative":
-            _replace(net.module_, self.layer, original)
+            replace_module(net.module_, self.layer, original)
             net.eval_modules = eval_modules_without_wrapper(eval_modules, self.layer)
             self.measure_layer_ = self.layer
         else:

@@ -1,0 +1,83 @@
+"""skdebias.models: seeded skorch wrappers and torchvision models by name (never downloading)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from skdebias.models import SeededNeuralNetClassifier, SmallCNN, make_classifier, torchvision_model
+
+
+def _weights(net):
+    return [p.detach().clone() for p in net.module_.parameters()]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_random_state_seeds_every_initialisation_and_clones():
+    a = make_classifier(SmallCNN, random_state=0, max_epochs=1, device="cpu")
+    b = make_classifier(SmallCNN, random_state=0, max_epochs=1, device="cpu")
+    torch.rand(5)  # draws between construction and initialisation do not matter
+    assert isinstance(a, SeededNeuralNetClassifier)
+    assert _same(_weights(a.initialize()), _weights(b.initialize()))
+    c = clone(a)
+    assert c.random_state == 0
+    assert _same(_weights(c.initialize()), _weights(a))
+    other = make_classifier(SmallCNN, random_state=1, max_epochs=1, device="cpu").initialize()
+    assert not _same(_weights(other), _weights(a))
+
+
+def test_random_state_makes_training_reproducible():
+    rng = np.random.RandomState(0)
+    X = rng.rand(40, 3, 28, 28).astype("float32")
+    y = rng.randint(0, 10, 40)
+    net = make_classifier(SmallCNN, random_state=0, max_epochs=2, batch_size=8, device="cpu")
+    first = _weights(net.fit(X, y))
+    second = _weights(clone(net).fit(X, y))
+    assert _same(first, second)
+
+
+def test_no_random_state_leaves_torch_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    make_classifier(SmallCNN, max_epochs=1, device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_criterion_can_be_given():
+    net = make_classifier(SmallCNN, criterion=torch.nn.NLLLoss, device="cpu")
+    assert net.criterion is torch.nn.NLLLoss
+    assert make_classifier(SmallCNN, device="cpu").criterion is torch.nn.CrossEntropyLoss
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))
+    yield tmp_path
+    torch.hub.set_dir(old)
+
+
+def test_torchvision_weights_come_from_the_cache_only(hub_dir):
+    import torchvision
+
+    with pytest.raises(FileNotFoundError, match=r"not in the torch hub cache .*resnet18-"):
+        torchvision_model("resnet18", weights="DEFAULT")
+    with pytest.raises(ValueError, match="is not a weight of 'resnet18'"):
+        torchvision_model("resnet18", weights="IMAGENET2K_V9")
+    # a weights file in the cache (random weights standing in for the real ones)
+    w = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    reference = torchvision.models.resnet18(num_classes=1000)
+    (hub_dir / "checkpoints").mkdir()
+    torch.save(reference.state_dict(), hub_dir / "checkpoints" / w.url.rsplit("/", 1)[-1])
+    for given in ("DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1", w):
+        model = torchvision_model("resnet18", weights=given)
+        assert model.fc.out_features == 1000
+        torch.testing.assert_close(model.fc.weight, reference.fc.weight)
+    small = torchvision_model("resnet18", weights="DEFAULT", num_classes=3)
+    assert small.fc.out_features == 3
+    torch.testing.assert_close(small.conv1.weight, reference.conv1.weight)
+    assert torchvision_model("resnet18").fc.out_features == 10  # random weights: the digits
