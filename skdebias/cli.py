@@ -74,7 +74,8 @@ def run_demo(seed=0, epochs=8, artifact="patch", target_class=0, p=0.3, layer="f
     say(format_table(cav_rows, title="CAV alignment with the true artifact direction "
                                      f"(CAVs fitted on class {target_class}; "
                                      "d = a(x + artifact) - a(x) on test images)"))
-    result = {"seed": seed, "clean_accuracy": clean, "attacked_accuracy": attacked,
+    result = {"seed": seed, "epochs": epochs, "artifact": artifact, "target_class": target_class,
+              "p": p, "layer": layer, "clean_accuracy": clean, "attacked_accuracy": attacked,
               "cav": cav_rows, "timings_s": dict(timer.seconds)}
 
     if correction:
@@ -96,16 +97,28 @@ def run_demo(seed=0, epochs=8, artifact="patch", target_class=0, p=0.3, layer="f
     return result
 
 
+def _first_in_channels(module):
+    """``in_channels`` of the network's first convolution (``None`` without one)."""
+    for m in module.modules():
+        if isinstance(getattr(m, "in_channels", None), int):
+            return m.in_channels
+    return None
+
+
 def run_audit(model, images, concept, layer, image_size=None, batch_size=64, device="auto",
-              verbose=True):
+              grayscale=None, verbose=True):
     """Audit a saved model for a concept given as example images.
 
     ``model`` is a file written by ``torch.save(module)``; ``images`` an
     ImageFolder-style directory with the classes; ``concept`` a directory with
     two sub-folders whose second (sorted) name holds images *with* the concept.
+    ``grayscale=None`` loads one channel when the network's first convolution
+    takes one. The two directories may hold images of different sizes when the
+    network accepts them (e.g. global pooling before its head).
     """
     import torch
 
+    from ._torch import predict_proba, resolve_device
     from .concepts import CAVEstimator
     from .datasets import load_image_folder
     from .extraction import ActivationExtractor
@@ -114,26 +127,31 @@ def run_audit(model, images, concept, layer, image_size=None, batch_size=64, dev
     module = torch.load(model, weights_only=False, map_location="cpu")
     if not isinstance(module, torch.nn.Module):
         raise ValueError(f"{model!r} does not hold a torch.nn.Module (saved with torch.save(module)).")
-    data = load_image_folder(images, image_size=image_size)
-    conc = load_image_folder(concept, image_size=image_size)
+    module.to(resolve_device(device))  # the loaded copy is ours to move
+    if grayscale is None:
+        grayscale = _first_in_channels(module) == 1
+    data = load_image_folder(images, image_size=image_size, grayscale=grayscale)
+    conc = load_image_folder(concept, image_size=image_size, grayscale=grayscale)
     if len(conc.target_names) != 2:
         raise ValueError(f"{concept!r} must hold exactly two sub-folders (without / with the "
                          f"concept), found {list(conc.target_names)}.")
-    ext = ActivationExtractor(module, layer=layer, batch_size=batch_size, device=device).fit(conc.X)
-    cav = CAVEstimator().fit(ext.transform(conc.X), conc.y)
-    with torch.no_grad():
-        module.eval()
-        preds = np.concatenate([
-            module(torch.as_tensor(data.X[i:i + batch_size])).argmax(1).numpy()
-            for i in range(0, len(data.X), batch_size)])
-    proj = cav.transform(ext.transform(data.X))[:, 0]
+
+    def activations(X):
+        ext = ActivationExtractor(module, layer=layer, batch_size=batch_size, device=device)
+        return ext.fit_transform(X)
+
+    A_concept = activations(conc.X)
+    cav = CAVEstimator().fit(A_concept, conc.y)
+    preds = predict_proba(module, data.X, batch_size=batch_size).argmax(axis=1)
+    proj = cav.transform(activations(data.X))[:, 0]
     rows = []
     for k, name in enumerate(data.target_names):
         m = data.y == k
         rows.append({"class": name, "n": int(m.sum()), "accuracy": float(np.mean(preds[m] == k)),
                      "mean concept score": float(proj[m].mean())})
+    cav_accuracy = cav.score(A_concept, conc.y)
     say(format_table(rows, title=f"Concept '{conc.target_names[1]}' at layer {layer!r}: "
-                                 f"CAV accuracy on the concept set {cav.score(ext.transform(conc.X), conc.y):.3f}"))
+                                 f"CAV accuracy on the concept set {cav_accuracy:.3f}"))
     return {"rows": rows, "cav": cav.cav_}
 
 
@@ -156,6 +174,8 @@ def main(argv=None):
     audit.add_argument("--layer", required=True)
     audit.add_argument("--image-size", type=int, default=None)
     audit.add_argument("--device", default="auto")
+    audit.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
+                       help="load one channel (default: when the first convolution takes one)")
     audit.add_argument("--json")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -163,7 +183,8 @@ def main(argv=None):
                           correction=not args.no_correction)
     else:
         result = run_audit(args.model, args.images, args.concept, args.layer,
-                           image_size=args.image_size, device=args.device)
+                           image_size=args.image_size, device=args.device,
+                           grayscale=args.grayscale)
     if args.json:
         write_json(args.json, result)
     return 0

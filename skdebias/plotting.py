@@ -51,7 +51,8 @@ def plot_spuriosity_grid(X, y, spuriosity, n=5, classes=None, class_names=None, 
     classes : sequence, optional
         Classes to show (default: every class with finite spuriosity).
     class_names : dict or sequence, optional
-        Row labels.
+        Row labels: ``{class: name}``, or one name per class of ``y`` in sorted
+        order (e.g. a loader's ``target_names``), whichever classes are plotted.
     figsize : tuple, optional
 
     Returns
@@ -79,6 +80,12 @@ def plot_spuriosity_grid(X, y, spuriosity, n=5, classes=None, class_names=None, 
         classes = [c for c in np.unique(y).tolist() if np.isfinite(s[y == c]).any()]
     if not len(classes):
         raise ValueError("No class has finite spuriosity values to plot.")
+    all_classes = np.unique(y).tolist()
+    if class_names is not None and not isinstance(class_names, dict) \
+            and len(class_names) != len(all_classes):
+        raise ValueError(
+            f"class_names has {len(class_names)} names but y has {len(all_classes)} classes; "
+            "give one name per class of y (sorted), or a dict {class: name}.")
     fig = _figure(figsize or (1.2 * 2 * n + 1, 1.35 * len(classes) + 0.6))
     axes = fig.subplots(len(classes), 2 * n, squeeze=False)
     for row, c in enumerate(classes):
@@ -103,7 +110,8 @@ def plot_spuriosity_grid(X, y, spuriosity, n=5, classes=None, class_names=None, 
                 spine.set_linewidth(1.5)
         name = c
         if class_names is not None:
-            name = class_names[c] if isinstance(class_names, dict) else class_names[row]
+            name = (class_names[c] if isinstance(class_names, dict)
+                    else class_names[all_classes.index(c)])
         axes[row, 0].set_ylabel(str(name), rotation=0, ha="right", va="center")
     fig.suptitle(f"lowest spuriosity (blue, left)  |  highest spuriosity (red, right); n={n}",
                  fontsize=9)

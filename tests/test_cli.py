@@ -43,6 +43,8 @@ def test_demo_audit_fast(capsys):
     assert res["attacked_accuracy"] < res["clean_accuracy"] - 0.1
     pattern = next(r for r in res["cav"] if r["cav"] == "pattern")
     assert pattern["cos(mean d, cav)"] > 0.8
+    assert (res["seed"], res["epochs"], res["artifact"], res["layer"]) == (0, 4, "patch",
+                                                                           "features.6")
 
 
 def test_main_demo_writes_json(tmp_path, monkeypatch):
@@ -99,3 +101,33 @@ def test_audit_on_generated_folders(tmp_path, capsys):
     with pytest.raises(ValueError, match="does not hold a torch.nn.Module"):
         run_audit(str(tmp_path / "bad.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
                   "features.6")
+
+
+def test_audit_grayscale_model_and_folders_of_different_sizes(tmp_path):
+    from skdebias.models import SmallCNN
+
+    rng = np.random.RandomState(0)
+
+    def gray(size):
+        def img(k, i):
+            a = (rng.rand(size, size) * 80).astype(np.uint8)
+            if k == 1:
+                a[-8:-2, -8:-2] = 255
+            return a
+        return img
+
+    _write_pngs(tmp_path / "concept", ["absent", "present"], 6, gray(28))
+    _write_pngs(tmp_path / "images", ["a", "b"], 4, gray(40))  # another size: SmallCNN pools
+    torch.manual_seed(0)
+    torch.save(SmallCNN(n_classes=2, in_channels=1), tmp_path / "m.pt")
+    res = run_audit(str(tmp_path / "m.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
+                    "features.6", device="cpu", verbose=False)  # grayscale from in_channels
+    assert [r["n"] for r in res["rows"]] == [4, 4]
+    assert res["rows"][1]["mean concept score"] > res["rows"][0]["mean concept score"]
+    assert main(["audit", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "images"),
+                 "--concept", str(tmp_path / "concept"), "--layer", "features.6",
+                 "--device", "cpu", "--grayscale", "--json", str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["rows"][0]["class"] == "a"
+    with pytest.raises(RuntimeError, match="channels"):  # forcing RGB on a 1-channel model
+        run_audit(str(tmp_path / "m.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
+                  "features.6", device="cpu", grayscale=False, verbose=False)

@@ -264,6 +264,19 @@ def test_compare_corrections_default_settings(artifact_data, artifact_net, vanil
         compare_corrections(artifact_net, artifact_data, methods=("vanilla", "B-ClArC"))
 
 
+def test_compare_corrections_ratio_does_not_depend_on_the_order(artifact_data, artifact_net):
+    from skdebias.correction import compare_corrections
+
+    kw = dict(n_relevance=5, device="cpu", random_state=0)
+    after = compare_corrections(artifact_net, artifact_data, methods=("P-ClArC", "vanilla"), **kw)
+    before = compare_corrections(artifact_net, artifact_data, methods=("vanilla", "P-ClArC"), **kw)
+    assert after[1]["sensitivity ratio"] == 1.0
+    assert after[0]["sensitivity ratio"] == pytest.approx(before[1]["sensitivity ratio"])
+    assert after[0]["sensitivity ratio"] < 1e-3
+    alone = compare_corrections(artifact_net, artifact_data, methods=("P-ClArC",), **kw)
+    assert "sensitivity ratio" not in alone[0]
+
+
 def test_rr_clarc_only_trains_layers_after(rr_fitted, artifact_net):
     before, after = _state(get_module(artifact_net)), _state(rr_fitted.module_)
     assert rr_fitted.trainable_params_ == [k for k in before if k.startswith("classifier.")]

@@ -373,6 +373,19 @@ def image_root(tmp_path):
     return root
 
 
+def test_load_image_folder_rescales_16_bit_images(tmp_path):
+    ramp = (np.arange(8, dtype=np.uint16) * 9362)[None].repeat(4, axis=0)  # 0 .. 65534
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(ramp).save(tmp_path / name / "x.png")
+    assert Image.open(tmp_path / "a" / "x.png").mode.startswith("I")
+    for grayscale in (False, True):
+        data = load_image_folder(str(tmp_path), grayscale=grayscale)
+        np.testing.assert_allclose(data.X[0, 0, 0], ramp[0] / 65535.0, atol=1 / 255)
+        if not grayscale:
+            np.testing.assert_array_equal(data.X[0, 0], data.X[0, 2])  # gray -> RGB
+
+
 def test_load_image_folder(image_root):
     data = load_image_folder(str(image_root))
     assert data.X.shape == (6, 3, 12, 10)  # PIL size (w=10, h=12)

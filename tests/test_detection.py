@@ -168,3 +168,10 @@ def test_plot_spuriosity_grid():
         plot_spuriosity_grid(X, y, s[:-1])
     with pytest.raises(ValueError, match="No class has finite spuriosity"):
         plot_spuriosity_grid(X, y, np.full(30, np.nan))
+    # a sequence names every class of y (sorted), also when a class is not plotted
+    s_first_nan = rng.rand(30)
+    s_first_nan[y == 0] = np.nan
+    fig = plot_spuriosity_grid(X, y, s_first_nan, n=1, class_names=["zero", "one", "two"])
+    assert [fig.axes[2 * r].get_ylabel() for r in range(2)] == ["one", "two"]
+    with pytest.raises(ValueError, match="class_names has 2 names but y has 3 classes"):
+        plot_spuriosity_grid(X, y, s, n=1, class_names=["zero", "one"])

@@ -126,14 +126,17 @@ def compare_corrections(net, data, layer="features.6", cav=None, methods=CORRECT
             "clean acc": float(np.mean(_predict(model, data.X_test) == data.y_test)),
             "attacked acc": attacked_accuracy(model, data.X_test, data.y_test, data.add_artifact),
             "concept sensitivity": sens,
-            "sensitivity ratio": (sens / vanilla_s) if vanilla_s else float("nan"),
+            "sensitivity ratio": None,  # filled in below, once vanilla's is known
             "artifact relevance": artifact_relevance(model, X_att[rel_idx],
                                                      data.artifact_mask, device=device),
             "fit s": seconds,
         })
-    if vanilla_s is None:
-        for row in rows:
+    for row in rows:  # whatever the order of methods
+        if vanilla_s is None:
             row.pop("sensitivity ratio")
+        else:
+            row["sensitivity ratio"] = (row["concept sensitivity"] / vanilla_s if vanilla_s
+                                        else float("nan"))
     return rows
 
 

@@ -29,13 +29,35 @@ def _check_size(image_size):
     return size
 
 
+def _load_rgb(path):
+    """PIL image as RGB; 16-bit and 32-bit integer or float images are rescaled to 8 bits first
+    (PIL's ``convert("RGB")`` would clip them to 255, i.e. white)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            top = 65535.0
+        elif img.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        else:  # "I" (often a 16-bit PNG) or "F" beyond 1: the bit depth the values need
+            top = 255.0 if arr.max() <= 255 else 65535.0 if arr.max() <= 65535 else arr.max()
+        arr = np.clip(arr / top, 0.0, 1.0)
+        img = Image.fromarray(np.round(arr * 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def load_image_folder(root, image_size=None, grayscale=False, return_dataset=False):
     """Load images arranged as ``root/<class name>/<image>`` (the torchvision ImageFolder layout).
 
     Class labels are the indices of the sorted sub-folder names. Images are read
     with PIL (any format :class:`torchvision.datasets.ImageFolder` accepts:
     png, jpg, jpeg, bmp, tif, webp, ...) and converted to float32 in [0, 1],
-    channels first.
+    channels first. 16-bit and 32-bit images (PIL modes ``I;16``, ``I``, ``F``)
+    are rescaled to 8 bits by their bit depth first.
 
     Parameters
     ----------
@@ -89,7 +111,7 @@ def load_image_folder(root, image_size=None, grayscale=False, return_dataset=Fal
         steps.append(transforms.Resize(size, antialias=True))
     steps.append(transforms.ToTensor())  # float32 in [0, 1], (C, H, W)
     try:
-        dataset = ImageFolder(path, transform=transforms.Compose(steps))
+        dataset = ImageFolder(path, transform=transforms.Compose(steps), loader=_load_rgb)
     except (FileNotFoundError, RuntimeError) as exc:  # no class folder / no image files
         raise ValueError(
             f"No images found in {path!r}: expected root/<class name>/<image files>. ({exc})"
