@@ -182,9 +182,12 @@ def main(argv=None):
         result = run_demo(seed=args.seed, epochs=args.epochs, artifact=args.artifact,
                           correction=not args.no_correction)
     else:
-        result = run_audit(args.model, args.images, args.concept, args.layer,
-                           image_size=args.image_size, device=args.device,
-                           grayscale=args.grayscale)
+        try:
+            result = run_audit(args.model, args.images, args.concept, args.layer,
+                               image_size=args.image_size, device=args.device,
+                               grayscale=args.grayscale)
+        except (ValueError, FileNotFoundError) as exc:  # bad paths, folders, layer names
+            parser.exit(2, f"skdebias audit: error: {exc}\n")
     if args.json:
         write_json(args.json, result)
     return 0

@@ -131,3 +131,12 @@ def test_audit_grayscale_model_and_folders_of_different_sizes(tmp_path):
     with pytest.raises(RuntimeError, match="channels"):  # forcing RGB on a 1-channel model
         run_audit(str(tmp_path / "m.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
                   "features.6", device="cpu", grayscale=False, verbose=False)
+
+
+def test_audit_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["audit", "--model", str(tmp_path / "missing.pt"), "--images", str(tmp_path),
+              "--concept", str(tmp_path), "--layer", "features.6"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("skdebias audit: error:") and "missing.pt" in err

@@ -440,3 +440,10 @@ def test_load_image_folder_errors(tmp_path):
     for bad in (0, -3, 2.5, (8,), (8, 8, 8), "8"):
         with pytest.raises(ValueError, match="image_size must be"):
             load_image_folder(tmp_path, image_size=bad)
+
+
+def test_load_image_folder_skips_hidden_folders(image_root):
+    _write(image_root / ".ipynb_checkpoints" / "c0-checkpoint.png", (0, 255, 0))
+    data = load_image_folder(str(image_root))
+    assert data.target_names == ["cat", "dog"]
+    assert len(data.y) == 6

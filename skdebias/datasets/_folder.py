@@ -50,10 +50,25 @@ def _load_rgb(path):
     return img.convert("RGB")
 
 
+def _visible_folder(image_folder):
+    """An ImageFolder subclass that skips hidden class folders (``.ipynb_checkpoints``, ...)."""
+
+    class VisibleImageFolder(image_folder):
+        def find_classes(self, directory):
+            classes = sorted(e.name for e in os.scandir(directory)
+                             if e.is_dir() and not e.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    return VisibleImageFolder
+
+
 def load_image_folder(root, image_size=None, grayscale=False, return_dataset=False):
     """Load images arranged as ``root/<class name>/<image>`` (the torchvision ImageFolder layout).
 
-    Class labels are the indices of the sorted sub-folder names. Images are read
+    Class labels are the indices of the sorted sub-folder names (hidden folders,
+    whose names start with ".", are skipped). Images are read
     with PIL (any format :class:`torchvision.datasets.ImageFolder` accepts:
     png, jpg, jpeg, bmp, tif, webp, ...) and converted to float32 in [0, 1],
     channels first. 16-bit and 32-bit images (PIL modes ``I;16``, ``I``, ``F``)
@@ -111,7 +126,8 @@ def load_image_folder(root, image_size=None, grayscale=False, return_dataset=Fal
         steps.append(transforms.Resize(size, antialias=True))
     steps.append(transforms.ToTensor())  # float32 in [0, 1], (C, H, W)
     try:
-        dataset = ImageFolder(path, transform=transforms.Compose(steps), loader=_load_rgb)
+        dataset = _visible_folder(ImageFolder)(path, transform=transforms.Compose(steps),
+                                               loader=_load_rgb)
     except (FileNotFoundError, RuntimeError) as exc:  # no class folder / no image files
         raise ValueError(
             f"No images found in {path!r}: expected root/<class name>/<image files>. ({exc})"
