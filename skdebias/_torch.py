@@ -292,7 +292,8 @@ def iter_batches(X, batch_size: int = 128, y=None, device=None, dtype=torch.floa
             xb = torch.as_tensor(np.asarray(X[idx] if indices is not None else X[start:start + batch_size]))
         moved = xb.to(device=device, dtype=dtype) if dtype is not None else xb.to(device=device)
         if indices is None and not _is_dataset(X) and moved.data_ptr() == xb.data_ptr():
-            moved = moved.clone()  # a slice of the caller's X: an in-place first layer must not write into it
+            # a view of the caller's X: an in-place first layer must not write into it
+            moved = moved.clone()
         xb = moved
         if y is None:
             yield xb
