@@ -447,3 +447,18 @@ def test_load_image_folder_skips_hidden_folders(image_root):
     data = load_image_folder(str(image_root))
     assert data.target_names == ["cat", "dog"]
     assert len(data.y) == 6
+
+
+def test_image_folder_dataset_pickles_for_worker_processes(image_root, tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    ds = load_image_folder(str(image_root), return_dataset=True)
+    path = tmp_path / "ds.pkl"
+    path.write_bytes(pickle.dumps(ds))
+    code = ("import pickle, sys; ds = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(len(ds), ds.classes, tuple(ds[0][0].shape))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "6 ['cat', 'dog'] (3, 12, 10)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 
@@ -50,10 +51,14 @@ def _load_rgb(path):
     return img.convert("RGB")
 
 
-def _visible_folder(image_folder):
-    """An ImageFolder subclass that skips hidden class folders (``.ipynb_checkpoints``, ...)."""
+@functools.lru_cache(maxsize=None)
+def _visible_image_folder():
+    """``torchvision.datasets.ImageFolder`` that skips hidden class folders
+    (``.ipynb_checkpoints``, ...). Built on first use (torchvision is imported lazily) and
+    reachable as ``skdebias.datasets._folder.VisibleImageFolder``, so its datasets pickle."""
+    from torchvision.datasets import ImageFolder
 
-    class VisibleImageFolder(image_folder):
+    class VisibleImageFolder(ImageFolder):
         def find_classes(self, directory):
             classes = sorted(e.name for e in os.scandir(directory)
                              if e.is_dir() and not e.name.startswith("."))
@@ -61,7 +66,15 @@ def _visible_folder(image_folder):
                 raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
             return classes, {name: i for i, name in enumerate(classes)}
 
+    VisibleImageFolder.__module__ = __name__
+    VisibleImageFolder.__qualname__ = "VisibleImageFolder"
     return VisibleImageFolder
+
+
+def __getattr__(name):  # PEP 562: the lazily built class, for pickle
+    if name == "VisibleImageFolder":
+        return _visible_image_folder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_image_folder(root, image_size=None, grayscale=False, return_dataset=False):
@@ -113,7 +126,6 @@ def load_image_folder(root, image_size=None, grayscale=False, return_dataset=Fal
     ((120, 3, 64, 64), ['cats', 'dogs'])
     """
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
 
     size = _check_size(image_size)
     path = os.fspath(root)
@@ -126,8 +138,8 @@ def load_image_folder(root, image_size=None, grayscale=False, return_dataset=Fal
         steps.append(transforms.Resize(size, antialias=True))
     steps.append(transforms.ToTensor())  # float32 in [0, 1], (C, H, W)
     try:
-        dataset = _visible_folder(ImageFolder)(path, transform=transforms.Compose(steps),
-                                               loader=_load_rgb)
+        dataset = _visible_image_folder()(path, transform=transforms.Compose(steps),
+                                          loader=_load_rgb)
     except (FileNotFoundError, RuntimeError) as exc:  # no class folder / no image files
         raise ValueError(
             f"No images found in {path!r}: expected root/<class name>/<image files>. ({exc})"
