@@ -88,7 +88,7 @@ def run_one(rho, seed):
     end, t = _timed(lambda: end.fit(data.X, data.y, bias=data.bias))
     rows.append({"method": "EnD", **_scores(end, data), "time_s": t})
 
-    fmd = FastModelDebiaser(vanilla, random_state=seed, **FMD_PARAMS)
+    fmd = FastModelDebiaser(vanilla, device="cpu", random_state=seed, **FMD_PARAMS)
     fmd, t = _timed(lambda: fmd.fit(data.X, data.y, X_cf=data.X_cf))
     rows.append({"method": "FMD", **_scores(fmd.estimator_, data), "time_s": t,
                  "fmd_steps": fmd.n_steps_, "time_vs_vanilla": t / t_vanilla})

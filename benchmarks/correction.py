@@ -129,22 +129,33 @@ def targets(per_seed):
 
 
 # ------------------------------------------------------------------ (c) step timing
-def step_functions(module, layer, size, train_layers="after", batch=64, seed=0):
-    """Two callables: one plain CE step and one RR-ClArC step (``_RRNet.train_step``)."""
+def step_functions(module, layer, size, train_layers="after", batch=64, seed=0, device="cpu"):
+    """Two callables: one plain CE step and one RR-ClArC step (``_RRNet.train_step``).
+
+    On CUDA the batch lives on the GPU and each callable waits for the GPU before it returns.
+    """
     torch.manual_seed(seed)
     X = torch.rand(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     c = np.arange(batch) % 2
     rr = GradientPenaltyCorrector(module, layer, penalty=1e3, max_epochs=0, lr=1e-4,
-                                  train_layers=train_layers, device="cpu",
+                                  train_layers=train_layers, device=device,
                                   random_state=seed).fit(X.numpy(), y.numpy(), c)
     net = rr.estimator_  # the corrector's own skorch net, initialised, layers frozen as in fit
+    X, y = X.to(net.device), y.to(net.device)
     net.history.new_epoch()
     net.history.new_batch()
     plain = build_net(_CorrectionNet, copy.deepcopy(net.module_), rr, 0,
                       extra=dict(eval_modules=net.eval_modules)).initialize()
-    return {"plain CE": lambda: plain.train_step((X, y)),
-            "RR-ClArC": lambda: net.train_step((X, y))}
+    sync = torch.cuda.synchronize if X.is_cuda else (lambda: None)
+
+    def step(skorch_net):
+        def run():
+            skorch_net.train_step((X, y))
+            sync()
+        return run
+
+    return {"plain CE": step(plain), "RR-ClArC": step(net)}
 
 
 def step_timing(quick):

@@ -196,7 +196,13 @@ def test_out_memmap(cnn, images, tmp_path):
 
 
 def test_progress_bar(cnn, images, capsys, monkeypatch):
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    import functools
+
+    import tqdm.auto
+
+    # conftest sets TQDM_DISABLE=1, which tqdm reads once when first imported (whichever test
+    # imports it first): force the bar on here, whatever the test order
+    monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.auto.tqdm, disable=False))
     ActivationExtractor(cnn, "features.6", progress=True, batch_size=5, device="cpu").fit_transform(images)
     assert "activations" in capsys.readouterr().err
 

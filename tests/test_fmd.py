@@ -86,11 +86,23 @@ class _Tabular(nn.Module):
         return self.head(self.body(x))
 
 
-def flip_last_feature(X):
-    """Counterfactual for tabular data: the sign of the last feature flipped."""
-    X_cf = np.array(X, dtype=np.float32, copy=True)
-    X_cf[:, -1] *= -1
-    return X_cf
+class _FlipLastFeature:
+    """Counterfactual for tabular data: the sign of the last feature flipped.
+
+    A class with a fixed repr, so the sklearn-check test ids are the same in every process
+    (pytest-xdist workers must collect identical ids; a function's repr holds its address).
+    """
+
+    def __call__(self, X):
+        X_cf = np.array(X, dtype=np.float32, copy=True)
+        X_cf[:, -1] *= -1
+        return X_cf
+
+    def __repr__(self):
+        return "flip_last_feature"
+
+
+flip_last_feature = _FlipLastFeature()
 
 
 @pytest.fixture
@@ -116,8 +128,9 @@ def test_fmd_lowers_bias_on_tabular(tabular):
     # only the head changed, and the caller's network did not
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
-    assert torch.equal(fmd.module_.body[0].weight, net.body[0].weight)
-    assert not torch.equal(fmd.module_.head.weight, net.head.weight)
+    # (the corrected copy lives on fmd.device_, CUDA where present with device="auto")
+    assert torch.equal(fmd.module_.body[0].weight.cpu(), net.body[0].weight)
+    assert not torch.equal(fmd.module_.head.weight.cpu(), net.head.weight)
 
 
 def test_fmd_untouched_when_bias_is_zero(tabular):
@@ -125,7 +138,7 @@ def test_fmd_untouched_when_bias_is_zero(tabular):
     fmd = FastModelDebiaser(net, random_state=0).fit(X, y, X_cf=X.copy())
     assert fmd.bias_before_ == 0.0 and fmd.n_steps_ == 0
     for a, b in zip(fmd.module_.parameters(), net.parameters()):
-        assert torch.equal(a, b)
+        assert torch.equal(a.cpu(), b)
     # a network blind to the bias feature: bias zero although X_cf differs from X
     blind = copy.deepcopy(net)
     with torch.no_grad():
@@ -133,7 +146,7 @@ def test_fmd_untouched_when_bias_is_zero(tabular):
     fmd = FastModelDebiaser(blind, random_state=0).fit(X, y, X_cf=flip_last_feature(X))
     assert fmd.bias_before_ == pytest.approx(0.0, abs=1e-7) and fmd.n_steps_ == 0
     for a, b in zip(fmd.module_.parameters(), blind.parameters()):
-        assert torch.equal(a, b)
+        assert torch.equal(a.cpu(), b)
 
 
 def test_fmd_restores_thread_setting(tabular):
