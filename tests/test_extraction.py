@@ -17,6 +17,7 @@ from skdebias._torch import (
     find_layer,
     get_module,
     iter_batches,
+    layer_inputs,
     preserve_mode,
     resolve_device,
     stop_after,
@@ -308,3 +309,36 @@ class _Tabular(nn.Module):
 @parametrize_with_checks([ActivationExtractor(_Tabular(), "act", device="cpu")])
 def test_sklearn_compatible_extractor(estimator, check):
     check(estimator)
+
+
+# ------------------------------------------------------------------ layer_inputs memory layout
+class _ViewNet(nn.Module):
+    """Calls ``.view`` on a convolution output: fails on channels_last activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("make", [SmallCNN, _ViewNet])
+def test_layer_inputs_same_features_in_either_layout(make):
+    torch.manual_seed(0)
+    net = make().eval()
+    X = np.random.RandomState(0).rand(10, 3, 8, 8).astype(np.float32)
+    head = "classifier.2" if isinstance(net, SmallCNN) else "head"
+    feats = layer_inputs(net, head, X, batch_size=4, device=torch.device("cpu"))
+    # reference: the hooked input of the head, computed by hand in the batch's own layout
+    seen = []
+    hook = get_module(net).get_submodule(head).register_forward_hook(
+        lambda m, inp, out: seen.append(inp[0].reshape(len(inp[0]), -1)))
+    with torch.no_grad():
+        net(torch.as_tensor(X))
+    hook.remove()
+    np.testing.assert_allclose(feats.numpy(), seen[0].numpy(), rtol=1e-5, atol=1e-6)
+    # the module itself is left in its own layout
+    assert all(p.is_contiguous() for p in net.parameters())

@@ -12,7 +12,8 @@ from torch import nn
 
 from skdebias._torch import limit_threads
 from skdebias.correction import FastModelDebiaser, softmax_cross_entropy_hessian
-from skdebias.correction._fmd import _augment, _bias_and_gradient, _loss_gradients
+from skdebias.correction._fmd import (
+    _augment, _bias_and_gradient, _HessianBuilder, _loss_gradients)
 from skdebias.metrics import counterfactual_bias
 
 
@@ -50,6 +51,22 @@ def test_hessian_matches_autograd(with_bias):
     assert torch.allclose(H, ref, atol=1e-10)
     Hd = softmax_cross_entropy_hessian(F, W, b if with_bias else None, damping=0.1)
     assert torch.allclose(Hd - H, 0.1 * n * torch.eye(H.shape[0], dtype=H.dtype), atol=1e-12)
+
+
+@pytest.mark.parametrize("max_products", [10**9, 0])  # precomputed products / Q^T Q fallback
+def test_hessian_builder_matches_autograd_at_changing_parameters(max_products):
+    g = torch.Generator().manual_seed(2)
+    n, d, K = 9, 4, 3
+    Fa = _augment(torch.randn(n, d, generator=g, dtype=torch.float64))
+    y = torch.randint(0, K, (n,), generator=g)
+    build = _HessianBuilder(Fa, K, damping=0.2, max_products=max_products)
+    assert (build.Z is None) == (max_products == 0)
+    for _ in range(2):  # the same builder at two parameter values
+        theta = torch.randn(K, d + 1, generator=g, dtype=torch.float64)
+        ref = torch.autograd.functional.hessian(
+            lambda t: _ce_sum(t, Fa[:, :-1], y, K), theta.reshape(-1))
+        ref += 0.2 * n * torch.eye(K * (d + 1), dtype=ref.dtype)
+        assert torch.allclose(build(theta), ref, atol=1e-10)
 
 
 def test_loss_and_bias_gradients_match_autograd():
