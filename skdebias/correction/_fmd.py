@@ -200,10 +200,14 @@ def _factor(H):
 
 
 def _solve(H, L, g):
-    """``H^{-1} g`` with the Cholesky factor ``L`` (least squares when ``L`` is None)."""
+    """``H^{-1} g`` with the Cholesky factor ``L`` (least squares when ``L`` is None).
+
+    Computed in the dtype of ``H`` and returned in the dtype of ``g``.
+    """
+    rhs = g.reshape(-1, 1).to(H.dtype)
     if L is not None:
-        return torch.cholesky_solve(g.reshape(-1, 1), L).reshape(-1)
-    return torch.linalg.lstsq(H, g.reshape(-1, 1)).solution.reshape(-1)
+        return torch.cholesky_solve(rhs, L).reshape(-1).to(g.dtype)
+    return torch.linalg.lstsq(H, rhs).solution.reshape(-1).to(g.dtype)
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -513,9 +517,16 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
             self.n_iter_ = step + 1
             bias_fit, grad_b = _bias_and_gradient(theta, Ff, Ff_cf, yf)
             if H is None or self.refresh_hessian:
-                # built in float32 (2x faster), factorised and solved in float64
-                H = hessian(theta.float()).double()
-                L = _factor(H)
+                # built in float32; with damping (eigenvalues >= damping * n) also factorised
+                # and solved in float32: the entries carry float32 rounding either way, so a
+                # float64 factor would not make the solves more exact. Without damping (the
+                # softmax Hessian is singular along a shift of all logits), or if float32 cannot
+                # factorise it, in float64
+                H = hessian(theta.float())
+                L = _factor(H) if damping > 0 else None
+                if L is None:
+                    H = H.double()
+                    L = _factor(H)
             v = _solve(H, L, grad_b)  # H^{-1} grad B
             if self._influence_direction is None:
                 self._influence_direction = v.clone()
