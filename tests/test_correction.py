@@ -16,7 +16,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
-from skdebias import CAVEstimator
+from skdebias import ActivationExtractor, CAVEstimator
 from skdebias._torch import get_module, set_seed
 from skdebias.correction import (
     ClassArtifactCompensator,
@@ -686,3 +686,73 @@ def _expected_failed(estimator):
 ], expected_failed_checks=_expected_failed)
 def test_sklearn_compatible(estimator, check):
     check(estimator)
+
+
+# ------------------------------------------------------------------ P-ClArC over the flattened map
+def test_concept_compensation_flatten_formula():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2 * 3 * 3, generator=g)
+    comp = ConceptCompensation(v.numpy(), reference=1.5, pooling="flatten")
+    a = torch.randn(5, 2, 3, 3, generator=g)
+    out = comp(a)
+    u = v / v.norm()
+    torch.testing.assert_close(out.reshape(5, -1) @ u, torch.full((5,), 1.5))
+    # a - a' is parallel to v: nothing orthogonal to it moves
+    diff = (out - a).reshape(5, -1)
+    torch.testing.assert_close(diff - (diff @ u)[:, None] * u, torch.zeros(5, 18),
+                               atol=1e-5, rtol=0)
+    assert "pooling='flatten'" in repr(comp)
+    with pytest.raises(ValueError, match="18 values per sample"):
+        comp(torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="pooling"):
+        ConceptCompensation(v.numpy(), pooling="mean")
+
+
+def test_pclarc_flatten_closes_the_gap_and_survives_pickle(artifact_data, artifact_net,
+                                                           vanilla_scores):
+    d = artifact_data
+    c = np.where(d.y == 0, d.concept, -1)
+    pc = ClassArtifactCompensator(artifact_net, LAYER, pooling="flatten", device="cpu").fit(
+        d.X, d.y, c)
+    n_dims = int(np.prod(ActivationExtractor(artifact_net, LAYER, pooling=None,
+                                             device="cpu").fit(d.X[:2]).transform(d.X[:2]).shape[1:]))
+    assert pc.cav_.shape == (n_dims,) and n_dims > 64  # C x H x W, not C
+    clean = pc.score(d.X_test, d.y_test)
+    attacked = attacked_accuracy(pc, d.X_test, d.y_test, d.add_artifact)
+    lost = vanilla_scores["clean"] - vanilla_scores["attacked"]
+    # measured with avx512 / avx2 / default kernels: 1.5 / 1.7 / 1.9 points left of a 10.4-11.5
+    # point vanilla gap (the max-pooled P-ClArC leaves 3.7-5.2): issue 3's 5-point figure holds
+    assert abs(clean - attacked) <= min(0.05, 0.35 * lost), (clean, attacked, lost)
+    assert attacked - vanilla_scores["attacked"] >= 0.3 * lost
+    again = pickle.loads(pickle.dumps(pc.module_))
+    assert again.features[6].compensation.pooling == "flatten"
+    xb = torch.as_tensor(d.X_test[:4])
+    torch.testing.assert_close(again.eval()(xb), pc.module_.eval()(xb))
+
+
+def test_pclarc_flatten_errors(artifact_data, artifact_net):
+    d = artifact_data
+    c = np.where(d.y == 0, d.concept, -1)
+    with pytest.raises(ValueError, match="pooling"):
+        ClassArtifactCompensator(artifact_net, LAYER, pooling="mean", device="cpu").fit(d.X, d.y, c)
+    with pytest.raises(ValueError, match="flattened activations"):
+        ClassArtifactCompensator(artifact_net, LAYER, cav=np.ones(64), reference=0.0,
+                                 pooling="flatten", device="cpu").fit(d.X, d.y)
+    pc = ClassArtifactCompensator(artifact_net, LAYER, pooling="flatten", device="cpu").fit(
+        d.X[:200], d.y[:200], c[:200])
+    with pytest.raises(ValueError, match="per-sample shape"):
+        pc.predict(np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_compare_corrections_flatten_row_with_a_vector_cav(artifact_data, artifact_net):
+    from skdebias.correction import compare_corrections
+
+    c = np.where(artifact_data.y == 0, artifact_data.concept, -1)
+    vec = ClassArtifactCompensator(artifact_net, LAYER, device="cpu").fit(
+        artifact_data.X, artifact_data.y, c).cav_
+    rows = compare_corrections(artifact_net, artifact_data, cav=vec,
+                               methods=("P-ClArC flatten", "vanilla"), n_relevance=5,
+                               device="cpu", random_state=0)
+    res = {r["method"]: r for r in rows}
+    assert res["vanilla"]["sensitivity ratio"] == 1.0
+    assert res["P-ClArC flatten"]["attacked acc"] > res["vanilla"]["attacked acc"]

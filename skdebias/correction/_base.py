@@ -285,18 +285,21 @@ def resolve_train_layers(module, layer, train_layers, before):
     return [n for n in named if n in trainable], [m for m in eval_modules if m]
 
 
-def resolve_cav(cav, module, layer, X, concept_labels, n_channels, batch_size, device):
+def resolve_cav(cav, module, layer, X, concept_labels, out_shape, batch_size, device,
+                pooling="max"):
     """Fit (or check) the CAV; return ``(unit vector float32, fitted estimator or None, A, t)``.
 
-    ``A`` / ``t`` are the max-pooled activations and the 0/1 labels of the
-    labelled samples (``None`` when no concept labels are given).
+    ``A`` / ``t`` are the activations (max-pooled, or flattened with
+    ``pooling="flatten"``) and the 0/1 labels of the labelled samples (``None``
+    when no concept labels are given). ``out_shape`` is the per-sample shape of
+    the layer's output.
     """
     from ..concepts import CAVEstimator
 
     A = t = None
     if concept_labels is not None:
         idx = np.flatnonzero(concept_labels != UNLABELLED)
-        extractor = ActivationExtractor(module, layer, pooling="max", batch_size=batch_size,
+        extractor = ActivationExtractor(module, layer, pooling=pooling, batch_size=batch_size,
                                         device=device)
         X_lab = take(X, idx)
         A = extractor.fit(X_lab).transform(X_lab)
@@ -324,10 +327,16 @@ def resolve_cav(cav, module, layer, X, concept_labels, n_channels, batch_size, d
             raise ValueError(f"cav must be a CAVEstimator or a numeric vector, got {cav!r}.")
         fitted = None
     vec = np.asarray(vec, dtype=np.float64).ravel()
-    if vec.shape[0] != n_channels:
+    if pooling == "flatten":
+        n_dims = int(np.prod(out_shape)) if len(out_shape) else 1
+        what = f"{n_dims} values per sample (flattened activations of shape {tuple(out_shape)})"
+    else:
+        n_dims = out_shape[0] if len(out_shape) >= 1 else 1
+        what = f"{n_dims} channels (max-pooled activations)"
+    if vec.shape[0] != n_dims:
         raise ValueError(
-            f"The CAV has {vec.shape[0]} dimensions but layer {layer!r} has {n_channels} "
-            "channels (max-pooled activations); fit it on this layer's activations.")
+            f"The CAV has {vec.shape[0]} dimensions but layer {layer!r} has {what}; fit it on "
+            "this layer's activations.")
     norm = float(np.linalg.norm(vec))
     if not np.isfinite(norm) or norm == 0.0:
         raise ValueError("The CAV is zero or not finite; it must be a non-zero finite vector.")
@@ -411,7 +420,7 @@ class _CAVCorrector(NetworkInputMixin, ClassifierMixin, BaseEstimator):
                              f"{self.net_params!r}.")
         resolve_device(self.device)
 
-    def _prepare(self, X, y, concept_labels, require_concepts):
+    def _prepare(self, X, y, concept_labels, require_concepts, pooling="max"):
         """Validate inputs, copy the network and fit the CAV. Returns a dict of context."""
         from .._torch import set_seed
 
@@ -432,9 +441,9 @@ class _CAVCorrector(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         before, out_shape, n_outputs = trace_layer(module, self.layer, first_batch(X))
         self.classes_ = network_classes(self.estimator, n_outputs)
         y_idx = encode_y(y, self.classes_)
-        n_channels = out_shape[0] if len(out_shape) >= 1 else 1
         self.cav_, self.cav_estimator_, A, t = resolve_cav(
-            self.cav, module, self.layer, X, concept_labels, n_channels, self.batch_size, device)
+            self.cav, module, self.layer, X, concept_labels, out_shape, self.batch_size, device,
+            pooling=pooling)
         return {"X": X, "y_idx": y_idx, "concept_labels": concept_labels, "module": module,
                 "device": device, "before": before, "A": A, "t": t, "n_outputs": n_outputs}
 

@@ -10,6 +10,11 @@ Anders et al. 2022 (ClArC) with the CAV of Pahde et al. 2023. With
 - A-ClArC (augmentative) applies the same shift towards ``mu_art`` while it
   fine-tunes the layers after the CAV layer (the network learns to ignore the
   direction), then removes the shift.
+
+With ``pooling="flatten"`` the CAV lives in the space of the whole activation
+map (``C x H x W``, as in Anders et al.) and ``maxpool(a)`` above is replaced by
+the flattened ``a``: the compensation then acts where the artifact is, not
+uniformly over the map (suited to artifacts at a fixed position).
 """
 
 from __future__ import annotations
@@ -31,24 +36,31 @@ from ._base import (
     training_data,
 )
 
-__all__ = ["ClassArtifactCompensator", "ConceptCompensation", "CompensatedLayer", "CLARC_MODES"]
+__all__ = ["ClassArtifactCompensator", "ConceptCompensation", "CompensatedLayer", "CLARC_MODES",
+           "CLARC_POOLINGS"]
 
 CLARC_MODES = ("projective", "augmentative")
+#: How activation maps are turned into the vectors the CAV lives in.
+CLARC_POOLINGS = ("max", "flatten")
 
 
 class ConceptCompensation(nn.Module):
-    """Move activations to a reference value along a direction: ``a + (r - v . maxpool(a)) v``.
+    """Move activations to a reference value along a direction.
 
-    The shift is the same at every spatial position, so after it
-    ``v . maxpool(a') = r`` for a unit ``v``. ``v`` and ``r`` are buffers: they
+    With ``pooling="max"``: ``a + (r - v . maxpool(a)) v``, the same shift at
+    every spatial position, so after it ``v . maxpool(a') = r`` for a unit
+    ``v`` of one entry per channel. With ``pooling="flatten"``: ``v`` has one
+    entry per activation (``C x H x W``) and ``a' = a + (r - v . vec(a)) v``
+    (reshaped), the projection of Anders et al. ``v`` and ``r`` are buffers: they
     travel with ``state_dict``, ``torch.save`` and ``.to(device)``.
 
     Parameters
     ----------
-    cav : array-like of shape (C,)
+    cav : array-like of shape (C,) or (C * H * W,)
         Direction; normalised to unit length.
     reference : float
-        Target value of ``v . maxpool(a)``.
+        Target value of ``v . maxpool(a)`` (or ``v . vec(a)``).
+    pooling : {"max", "flatten"}, default="max"
 
     Examples
     --------
@@ -58,15 +70,22 @@ class ConceptCompensation(nn.Module):
     >>> a = torch.tensor([[[[3.0, 1.0]], [[2.0, 2.0]]]])  # (1, 2, 1, 2)
     >>> comp(a)[0, :, 0].tolist()
     [[0.5, -1.5], [2.0, 2.0]]
+    >>> flat = ConceptCompensation([1.0, 0.0, 0.0, 0.0], reference=0.5, pooling="flatten")
+    >>> flat(a)[0, :, 0].tolist()
+    [[0.5, 1.0], [2.0, 2.0]]
     """
 
-    def __init__(self, cav, reference=0.0):
+    def __init__(self, cav, reference=0.0, pooling="max"):
         super().__init__()
+        check_choice("pooling", pooling, CLARC_POOLINGS)
         v = torch.as_tensor(np.asarray(cav, dtype=np.float32)).reshape(-1)
         self.register_buffer("cav", v / v.norm())
         self.register_buffer("reference", torch.tensor(float(reference), dtype=torch.float32))
+        self.pooling = pooling
 
     def forward(self, a):
+        if self.pooling == "flatten":
+            return self._flat(a)
         if not isinstance(a, torch.Tensor) or a.ndim < 2 or a.shape[1] != self.cav.shape[0]:
             raise ValueError(
                 f"ConceptCompensation expects activations (B, {self.cav.shape[0]}, ...), got "
@@ -77,8 +96,19 @@ class ConceptCompensation(nn.Module):
         extra = (1,) * (a.ndim - 2)
         return a + shift.reshape(-1, 1, *extra) * v.reshape(1, -1, *extra)
 
+    def _flat(self, a):
+        if not isinstance(a, torch.Tensor) or a.ndim < 2 or a[0].numel() != self.cav.shape[0]:
+            raise ValueError(
+                f"ConceptCompensation(pooling='flatten') expects activations with "
+                f"{self.cav.shape[0]} values per sample (the map it was fitted on), got shape "
+                f"{tuple(getattr(a, 'shape', ()))}; a different input size changes the map.")
+        v = self.cav.to(a.dtype)
+        shift = self.reference.to(a.dtype) - a.reshape(a.shape[0], -1) @ v  # (B,)
+        return a + shift.reshape(-1, *(1,) * (a.ndim - 1)) * v.reshape(1, *a.shape[1:])
+
     def extra_repr(self):
-        return f"channels={self.cav.shape[0]}, reference={float(self.reference):.4g}"
+        return (f"dims={self.cav.shape[0]}, reference={float(self.reference):.4g}, "
+                f"pooling={self.pooling!r}")
 
 
 class CompensatedLayer(nn.Module):
@@ -121,7 +151,8 @@ class ClassArtifactCompensator(_CAVCorrector):
         The network; it must output logits.
     layer : str
         Layer where the compensation is inserted.
-    cav : CAVEstimator, array-like of shape (n_channels,) or None, default=None
+    cav : CAVEstimator, array-like of shape (n_channels,) (``(n_channels * H * W,)`` with
+        ``pooling="flatten"``) or None, default=None
         As in :class:`GradientPenaltyCorrector`.
     mode : {"projective", "augmentative"}, default="projective"
     max_epochs : int >= 0, default=0
@@ -130,6 +161,15 @@ class ClassArtifactCompensator(_CAVCorrector):
         Reference value of ``v . maxpool(a)``; ``None`` takes ``mu_clean``
         (projective) or ``mu_art`` (augmentative) from the labelled samples,
         which then need concept labels of both kinds.
+    pooling : {"max", "flatten"}, default="max"
+        The space the CAV is fitted and applied in: spatially max-pooled
+        activations (one value per channel, any input size) or the flattened
+        activation map (``C x H x W`` values, the input size fitted on). For an
+        artifact at a fixed position (a timestamp, a ruler in one corner),
+        ``"flatten"`` moves only the activations where the artifact is: on the
+        timestamp benchmark P-ClArC left 0.6 / 2.0 / 1.3 points between clean
+        and attacked accuracy over seeds 0-2, against 1.9 / 7.0 / 13.3 with
+        ``"max"`` (docs/correction.md).
     lr, batch_size, optimizer, train_layers, callbacks, train_split, net_params, device,
     random_state, verbose
         Fine-tuning settings, as in :class:`GradientPenaltyCorrector`.
@@ -140,10 +180,11 @@ class ClassArtifactCompensator(_CAVCorrector):
         The corrected network.
     module_ : torch.nn.Module
         ``estimator_.module_``.
-    cav_ : ndarray of shape (n_channels,)
+    cav_ : ndarray of shape (n_channels,) or (n_channels * H * W,)
+        Unit CAV, in the space ``pooling`` names.
     cav_estimator_ : CAVEstimator or None
     mu_clean_, mu_artifact_ : float or None
-        Mean ``v . maxpool(a)`` of the labelled samples without / with the concept
+        Mean ``v . maxpool(a)`` (or ``v . vec(a)``) of the labelled samples without / with the concept
         (``None`` without concept labels).
     reference_ : float
         The value the compensation moves to.
@@ -172,15 +213,16 @@ class ClassArtifactCompensator(_CAVCorrector):
     """
 
     def __init__(self, estimator, layer, cav=None, mode="projective", max_epochs=0,
-                 reference=None, lr=1e-4, batch_size=64, optimizer=torch.optim.SGD,
-                 train_layers="after", callbacks=None, train_split=None, net_params=None,
-                 device="auto", random_state=None, verbose=0):
+                 reference=None, pooling="max", lr=1e-4, batch_size=64,
+                 optimizer=torch.optim.SGD, train_layers="after", callbacks=None,
+                 train_split=None, net_params=None, device="auto", random_state=None, verbose=0):
         self.estimator = estimator
         self.layer = layer
         self.cav = cav
         self.mode = mode
         self.max_epochs = max_epochs
         self.reference = reference
+        self.pooling = pooling
         self.lr = lr
         self.batch_size = batch_size
         self.optimizer = optimizer
@@ -194,6 +236,7 @@ class ClassArtifactCompensator(_CAVCorrector):
 
     def _check_params(self):
         check_choice("mode", self.mode, CLARC_MODES)
+        check_choice("pooling", self.pooling, CLARC_POOLINGS)
         check_int("max_epochs", self.max_epochs, low=0)
         if self.mode == "augmentative" and self.max_epochs < 1:
             raise ValueError(
@@ -223,7 +266,7 @@ class ClassArtifactCompensator(_CAVCorrector):
         self._check_params()
         vector_cav = self.cav is not None and not hasattr(self.cav, "fit")
         need = not (vector_cav and self.reference is not None)
-        ctx = self._prepare(X, y, concept_labels, require_concepts=need)
+        ctx = self._prepare(X, y, concept_labels, require_concepts=need, pooling=self.pooling)
         module, A, t = ctx["module"], ctx["A"], ctx["t"]
         self.mu_clean_ = self.mu_artifact_ = None
         if A is not None:
@@ -243,7 +286,8 @@ class ClassArtifactCompensator(_CAVCorrector):
                 f"train_layers={self.train_layers!r} leaves no parameter to train for layer "
                 f"{self.layer!r}; choose an earlier layer or train_layers='all'.")
         original = find_layer(module, self.layer)
-        compensated = CompensatedLayer(original, ConceptCompensation(self.cav_, self.reference_))
+        compensated = CompensatedLayer(
+            original, ConceptCompensation(self.cav_, self.reference_, pooling=self.pooling))
         compensated.to(ctx["device"])
         replace_module(module, self.layer, compensated)
         eval_modules = [self._renamed(m) for m in eval_modules]
