@@ -38,7 +38,7 @@ def _artifact_problem():
     return X, y, c
 
 
-@pytest.mark.parametrize("kind", ["rr", "pclarc"])
+@pytest.mark.parametrize("kind", ["rr", "pclarc", "pclarc_flatten"])
 def test_corrector_cuda_matches_cpu(kind):
     from skdebias import ClassArtifactCompensator, GradientPenaltyCorrector
 
@@ -50,8 +50,9 @@ def test_corrector_cuda_matches_cpu(kind):
             net, "features.6", penalty=10.0, max_epochs=1, lr=1e-3, batch_size=32,
             device=device, random_state=0)
     else:
+        pooling = "flatten" if kind == "pclarc_flatten" else "max"
         make = lambda device: ClassArtifactCompensator(  # noqa: E731
-            net, "features.6", mode="projective", device=device, random_state=0)
+            net, "features.6", mode="projective", pooling=pooling, device=device, random_state=0)
     cpu = make("cpu").fit(X, y, concept_labels=c)
     gpu = make("cuda").fit(X, y, concept_labels=c)
     assert next(gpu.module_.parameters()).device.type == "cuda"
