@@ -1,4 +1,4 @@
-"""Vanilla vs P-ClArC (max / flatten) vs A-ClArC vs RR-ClArC on a strong Clever Hans; cost of one RR step.
+"""Vanilla vs P-ClArC (max / flatten), A-ClArC, RR-ClArC on a strong Clever Hans; cost of an RR step.
 
 Configuration (why): artifact digits with the "timestamp" artifact in p = 0.9 of class 0, SmallCNN
 trained 8 epochs (Adam 2e-3). The timestamp is a local artifact (a small yellow glyph in the
@@ -129,7 +129,8 @@ def targets(per_seed):
             "RR recovers >= 50% of the loss": s["RR attacked loss recovered %"] >= 50,
             "RR clean drop <= 2 points": s["RR clean change (points)"] >= -2,
             "P-ClArC gap <= 5 points": s["P-ClArC |clean - attacked| (points)"] <= 5,
-            "P-ClArC flatten gap <= 5 points": s["P-ClArC flatten |clean - attacked| (points)"] <= 5,
+            "P-ClArC flatten gap <= 5 points":
+                s["P-ClArC flatten |clean - attacked| (points)"] <= 5,
         })
     return out
 

@@ -1,9 +1,10 @@
 """CUDA path check: the same numbers on the GPU as on the CPU, and the time each takes.
 
 Skipped (exit 0, JSON says so) on machines without CUDA. With a GPU it compares, for SmallCNN on
-artifact digits: activation extraction (max abs difference, CAV cosine), one GradientPenaltyCorrector
-fit (test accuracy; timed after a warm-up fit, so CUDA start-up is not counted) and one RR-ClArC
-training step vs a plain cross-entropy step on each device (the ratio issue 6 bounds by 2.5 on the CPU).
+artifact digits: activation extraction (max abs difference, CAV cosine), one
+GradientPenaltyCorrector fit (test accuracy; timed after a warm-up fit, so CUDA start-up is not
+counted) and one RR-ClArC training step vs a plain cross-entropy step on each device (the ratio
+issue 6 bounds by 2.5 on the CPU).
 
 Run: .venv/bin/python benchmarks/cuda_check.py [--quick]
 """
@@ -50,7 +51,8 @@ def main(argv=None):
         ext = ActivationExtractor(net, "features.6", batch_size=256, device=device).fit(data.X[:2])
         ext.transform(data.X[:256])  # warm-up
         acts[device], sec = timed(lambda: ext.transform(data.X))
-        rows.append({"step": f"extraction of {len(data.X)} images (s)", "device": device, "value": sec})
+        rows.append({"step": f"extraction of {len(data.X)} images (s)", "device": device,
+                     "value": sec})
     in_class = data.y == 0
     cavs = {d: CAVEstimator().fit(a[in_class], data.concept[in_class]).cav_ for d, a in acts.items()}
     diff = float(np.abs(acts["cpu"] - acts["cuda"]).max())
@@ -67,7 +69,8 @@ def main(argv=None):
     configs = [("SmallCNN 28 px", SmallCNN, "features.6", 28, 64)]
     if not args.quick:
         configs.append(("resnet18 64 px", lambda: torchvision_model("resnet18"), "layer3", 64, 64))
-        configs.append(("resnet18 128 px", lambda: torchvision_model("resnet18"), "layer3", 128, 128))
+        configs.append(("resnet18 128 px", lambda: torchvision_model("resnet18"), "layer3", 128,
+                        128))
     for name, make, layer, size, batch in configs:
         for device in ("cpu", "cuda"):
             t = interleaved(step_functions(make(), layer, size, batch=batch, device=device),

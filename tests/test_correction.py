@@ -714,8 +714,9 @@ def test_pclarc_flatten_closes_the_gap_and_survives_pickle(artifact_data, artifa
     c = np.where(d.y == 0, d.concept, -1)
     pc = ClassArtifactCompensator(artifact_net, LAYER, pooling="flatten", device="cpu").fit(
         d.X, d.y, c)
-    n_dims = int(np.prod(ActivationExtractor(artifact_net, LAYER, pooling=None,
-                                             device="cpu").fit(d.X[:2]).transform(d.X[:2]).shape[1:]))
+    maps = ActivationExtractor(artifact_net, LAYER, pooling=None, device="cpu").fit_transform(
+        d.X[:2])
+    n_dims = int(np.prod(maps.shape[1:]))
     assert pc.cav_.shape == (n_dims,) and n_dims > 64  # C x H x W, not C
     clean = pc.score(d.X_test, d.y_test)
     attacked = attacked_accuracy(pc, d.X_test, d.y_test, d.add_artifact)

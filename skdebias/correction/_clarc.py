@@ -184,8 +184,8 @@ class ClassArtifactCompensator(_CAVCorrector):
         Unit CAV, in the space ``pooling`` names.
     cav_estimator_ : CAVEstimator or None
     mu_clean_, mu_artifact_ : float or None
-        Mean ``v . maxpool(a)`` (or ``v . vec(a)``) of the labelled samples without / with the concept
-        (``None`` without concept labels).
+        Mean ``v . maxpool(a)`` (or ``v . vec(a)``) of the labelled samples
+        without / with the concept (``None`` without concept labels).
     reference_ : float
         The value the compensation moves to.
     measure_layer_ : str

@@ -53,7 +53,8 @@ def compare_corrections(net, data, layer="features.6", cav=None, methods=CORRECT
         artifact vs clean images of the target class). A vector is one value
         per channel; ``"P-ClArC flatten"`` then fits the default CAV over the
         flattened map instead.
-    methods : sequence of str, default=("vanilla", "P-ClArC", "P-ClArC flatten", "A-ClArC", "RR-ClArC")
+    methods : sequence of str, default=CORRECTION_METHODS
+        ``("vanilla", "P-ClArC", "P-ClArC flatten", "A-ClArC", "RR-ClArC")``;
         ``"P-ClArC flatten"`` is P-ClArC with ``pooling="flatten"`` (the CAV over
         the whole activation map).
     settings : dict or None, default=None
