@@ -510,7 +510,9 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         self.n_steps_ = 0
         self._influence_direction = None
         H = L = None
-        hessian = _HessianBuilder(F_both32, theta.shape[0], damping)
+        # the precomputed products pay off only over several Hessians
+        hessian = _HessianBuilder(F_both32, theta.shape[0], damping,
+                                  max_products=4_000_000 if self.refresh_hessian else 0)
         eta = float(self.step_size)
         self.n_iter_ = 0
         for step in range(int(self.max_iter)):
