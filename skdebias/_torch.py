@@ -378,17 +378,16 @@ def layer_inputs(module: nn.Module, name: str, X, batch_size: int, device, indic
 
     with preserve_mode(module, train=False), torch.no_grad():
         for xb in progress_bar(batches, progress, total=-(-n // batch_size), desc=desc):
-            if xb.dim() == 4 and xb.device.type == "cpu" and fast_layout is not False:
-                xb_fast = xb.contiguous(memory_format=torch.channels_last)
-                if fast_layout is None:
-                    try:
-                        out, store_in, store_out = forward(xb_fast)
-                        fast_layout = True
-                    except RuntimeError:
-                        fast_layout = False
-                        out, store_in, store_out = forward(xb)
-                else:
-                    out, store_in, store_out = forward(xb_fast)
+            if fast_layout is not False and xb.dim() == 4 and xb.device.type == "cpu":
+                try:
+                    out, store_in, store_out = forward(
+                        xb.contiguous(memory_format=torch.channels_last))
+                    fast_layout = True
+                except RuntimeError:
+                    if fast_layout:  # the layout worked on an earlier batch: a real error
+                        raise
+                    fast_layout = False
+                    out, store_in, store_out = forward(xb)
             else:
                 out, store_in, store_out = forward(xb)
             if not store_in:
