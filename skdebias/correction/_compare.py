@@ -51,8 +51,8 @@ def compare_corrections(net, data, layer="features.6", cav=None, methods=CORRECT
     cav : CAVEstimator, vector or None, default=None
         Passed to the correctors (a CAVEstimator is cloned and refitted on the
         artifact vs clean images of the target class). A vector is one value
-        per channel; ``"P-ClArC flatten"`` then fits the default CAV over the
-        flattened map instead.
+        per channel; a method with ``pooling="flatten"`` (``"P-ClArC flatten"``)
+        then fits the default CAV over the flattened map instead.
     methods : sequence of str, default=CORRECTION_METHODS
         ``("vanilla", "P-ClArC", "P-ClArC flatten", "A-ClArC", "RR-ClArC")``;
         ``"P-ClArC flatten"`` is P-ClArC with ``pooling="flatten"`` (the CAV over
@@ -112,16 +112,15 @@ def compare_corrections(net, data, layer="features.6", cav=None, methods=CORRECT
                 cav_vec = ClassArtifactCompensator(net, **common).fit(data.X, data.y, c).cav_
             seconds = 0.0
         else:
-            if method == "P-ClArC flatten" and cav is not None and not hasattr(cav, "fit"):
-                # a vector CAV is max-pooled (one value per channel): fit the flattened one
-                est = ClassArtifactCompensator(net, mode="projective", **{**common, "cav": None},
-                                               **cfg[method])
-            elif method in ("P-ClArC", "P-ClArC flatten"):
-                est = ClassArtifactCompensator(net, mode="projective", **common, **cfg[method])
+            kw = {**common, **cfg[method]}
+            if kw.get("pooling") == "flatten" and cav is not None and not hasattr(cav, "fit"):
+                kw["cav"] = None  # a vector CAV is max-pooled: fit the flattened one instead
+            if method in ("P-ClArC", "P-ClArC flatten"):
+                est = ClassArtifactCompensator(net, mode="projective", **kw)
             elif method == "A-ClArC":
-                est = ClassArtifactCompensator(net, mode="augmentative", **common, **cfg[method])
+                est = ClassArtifactCompensator(net, mode="augmentative", **kw)
             else:
-                est = GradientPenaltyCorrector(net, **common, **cfg[method])
+                est = GradientPenaltyCorrector(net, **kw)
             est.fit(data.X, data.y, concept_labels=c)
             seconds = time.perf_counter() - start
             model, measure = est, est.measure_layer_
