@@ -75,12 +75,15 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
     4. The head is trained on them with cross-entropy (Adam); after each epoch
        the spurious gap (:func:`~skdebias.metrics.spurious_gap` with ``val_k``)
        is measured on the validation data, and training stops as soon as it is
-       below ``target_gap``. With ``max_accuracy_drop``, training also stops
-       when the accuracy on the training data (the in-distribution accuracy)
-       falls more than that below the original head's.
+       below ``target_gap``. With ``max_accuracy_drop``, an epoch whose
+       accuracy on the training data (the in-distribution accuracy) is more
+       than that below the original head's is never kept; training goes on
+       (a large first step often costs accuracy that later epochs win back).
     5. The head of the epoch with the lowest validation gap among those that
        respect the accuracy guard is kept (the original head if no epoch
-       improves the gap); on convergence that is the epoch that reached the
+       improves the gap); of epochs with the same gap (the gap moves in steps
+       of ``1 / val_k``) the one with the highest validation accuracy, and of
+       those the latest. On convergence it is the epoch that reached the
        target.
 
     The caller's network is never modified: ``estimator_`` is a copy.
@@ -103,11 +106,11 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         ``"random"``: fine-tune on ``k`` random samples per class instead (the
         comparison baseline of the paper).
     max_accuracy_drop : float in [0, 1] or None, default=None
-        Accuracy guard: stop as soon as the accuracy of the head on the
-        training data (all of ``X`` outside the internal validation split, so
-        in-distribution even when ``validation_data`` is unbiased) is more than
-        this below that of the original head (0.03 = 3 points); epochs past the
-        guard are never kept. ``None``: no guard.
+        Accuracy guard: an epoch whose head has an accuracy on the training
+        data (all of ``X`` outside the internal validation split, so
+        in-distribution even when ``validation_data`` is unbiased) more than
+        this below that of the original head (0.03 = 3 points) is never kept;
+        training continues past it. ``None``: no guard.
     val_k : int, default=10
         ``k`` of the validation gap (clipped to the smallest validation class).
     validation_fraction : float in [0, 1), default=0.25
@@ -158,11 +161,11 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
     converged_ : bool
         Whether the validation gap fell below ``target_gap``.
     stop_reason_ : str
-        ``"target_gap"``, ``"accuracy"`` (the guard stopped training) or
-        ``"max_epochs"``.
+        ``"target_gap"`` or ``"max_epochs"``.
     history_ : list of dict
         Per epoch: ``epoch``, ``loss``, ``val_gap``, ``val_accuracy``,
-        ``train_accuracy``.
+        ``train_accuracy``, ``admissible`` (whether it respects the accuracy
+        guard).
     fit_time_ : float
         Wall time of :meth:`fit` in seconds.
     n_features_in_ : int
@@ -292,8 +295,8 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         """Train the head and record ``history_``.
 
         Stops once the validation gap is below target (``stop_reason_ =
-        "target_gap"``) or the training accuracy breaks the guard
-        (``"accuracy"``). Returns ``(epochs run, best epoch, its head state,
+        "target_gap"``); epochs that break the accuracy guard are recorded,
+        never kept. Returns ``(epochs run, best epoch, its head state,
         its (val gap, val accuracy, train accuracy))``.
         """
         n_sel, bs = len(t_sel), int(self.batch_size)
@@ -312,12 +315,14 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
             head.eval()
             gap, acc = self._evaluate(head, F_val, yv_idx, groups)
             tr_acc = self._accuracy(head, F_tr, t_tr)
+            admissible = bool(tr_acc >= floor)
             self.history_.append({"epoch": epoch, "loss": total / n_sel, "val_gap": gap,
-                                  "val_accuracy": acc, "train_accuracy": tr_acc})
-            if tr_acc < floor:
-                self.stop_reason_ = "accuracy"
-                break
-            if gap < self.target_gap or gap < best[2][0] or not np.isfinite(gap):
+                                  "val_accuracy": acc, "train_accuracy": tr_acc,
+                                  "admissible": admissible})
+            if not admissible:  # the guard: never kept, but training goes on
+                continue
+            if (gap < self.target_gap or gap < best[2][0] or not np.isfinite(gap)
+                    or (gap == best[2][0] and acc >= best[2][1] and best[1] is not None)):
                 state = {k: v.detach().clone() for k, v in head.state_dict().items()}
                 best = (epoch, state, (gap, acc, tr_acc))
             if gap < self.target_gap:
@@ -459,13 +464,10 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         self.n_epochs_ = int(epoch)
         self.gap_after_, self.accuracy_after_, self.train_accuracy_after_ = gap, acc, tr_acc
         if not self.converged_:
-            why = ("the training accuracy fell more than max_accuracy_drop="
-                   f"{self.max_accuracy_drop} after epoch {epoch}"
-                   if self.stop_reason_ == "accuracy" else
-                   f"max_epochs={self.max_epochs} epochs were run")
             warnings.warn(
-                f"The validation gap did not fall below target_gap={self.target_gap} before "
-                f"{why}; the head of epoch {self.best_epoch_} (lowest validation gap, "
+                f"The validation gap did not fall below target_gap={self.target_gap} in "
+                f"max_epochs={self.max_epochs} epochs (among those within max_accuracy_drop="
+                f"{self.max_accuracy_drop}); the head of epoch {self.best_epoch_} (lowest validation gap, "
                 f"{gap:.3f}) is kept.", ConvergenceWarning, stacklevel=2)
         self.fit_time_ = time.perf_counter() - start
         return self
