@@ -464,11 +464,13 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         self.n_epochs_ = int(epoch)
         self.gap_after_, self.accuracy_after_, self.train_accuracy_after_ = gap, acc, tr_acc
         if not self.converged_:
+            within = ("" if self.max_accuracy_drop is None else
+                      f" (in the epochs within max_accuracy_drop={self.max_accuracy_drop})")
             warnings.warn(
                 f"The validation gap did not fall below target_gap={self.target_gap} in "
-                f"max_epochs={self.max_epochs} epochs (among those within max_accuracy_drop="
-                f"{self.max_accuracy_drop}); the head of epoch {self.best_epoch_} (lowest validation gap, "
-                f"{gap:.3f}) is kept.", ConvergenceWarning, stacklevel=2)
+                f"max_epochs={self.max_epochs} epochs{within}; the head of epoch "
+                f"{self.best_epoch_} (lowest validation gap, {gap:.3f}) is kept.",
+                ConvergenceWarning, stacklevel=2)
         self.fit_time_ = time.perf_counter() - start
         return self
 
