@@ -448,7 +448,7 @@ def _end_weights(values, k):
 
     Samples tied with the k-th value share the places left (the expected selection over random
     tie-breaking), so a mean over the selection does not depend on the order of the samples.
-    Used by :func:`spurious_gap` and the head fine-tuner's validation gap.
+    Used by :func:`_gap_weights`.
     """
     values = np.asarray(values)
     kth = np.sort(values)[k - 1]
@@ -456,6 +456,13 @@ def _end_weights(values, k):
     w = below.astype(np.float64)
     w[tied] = (k - below.sum()) / tied.sum()
     return w
+
+
+def _gap_weights(spuriosity, k):
+    """Per-sample weights of one class's gap times ``k``: ``correct @ w / k`` is the accuracy of
+    the ``k`` most spurious samples minus that of the ``k`` least spurious (ties shared, see
+    :func:`_end_weights`). Used by :func:`spurious_gap` and the head fine-tuner."""
+    return _end_weights(-spuriosity, k) - _end_weights(spuriosity, k)
 
 
 def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=False):
@@ -543,8 +550,7 @@ def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=Fals
             raise ValueError(
                 f"k={k} is larger than class {c!r}, which has {len(idx)} samples; use "
                 f"k <= {len(idx)}.")
-        w = _end_weights(-s[idx], k) - _end_weights(s[idx], k)  # highest k minus lowest k
-        per_class[c] = float(w @ correct[idx] / k)
+        per_class[c] = float(_gap_weights(s[idx], k) @ correct[idx] / k)
     if not per_class:
         raise ValueError("spuriosity is NaN for every sample: no class has spurious features.")
     gap = float(np.mean(list(per_class.values())))

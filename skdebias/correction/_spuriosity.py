@@ -269,14 +269,14 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
     def _gap_groups(y_idx, s, k):
         """Per scored class: its positions and the weights ``(highest k) - (lowest k)`` divided
         by ``k``, with ties shared as in ``spurious_gap``."""
-        from ..metrics import _end_weights
+        from ..metrics import _gap_weights
 
         groups = []
         for c in np.unique(y_idx):
             idx = np.flatnonzero(y_idx == c)
             if not np.isfinite(s[idx]).all():
                 continue
-            groups.append((idx, (_end_weights(-s[idx], k) - _end_weights(s[idx], k)) / k))
+            groups.append((idx, _gap_weights(s[idx], k) / k))
         return groups
 
     def _evaluate(self, head, F, y_idx, groups):
