@@ -5,9 +5,6 @@ image classifiers with scikit-learn estimators.
 __version__ = "0.1.0.dev0"
 
 from .concepts import CAVEstimator, cav_alignment, concept_sensitivity, tcav_score
-from .extraction import ActivationExtractor
-from .ranking import SpuriosityRanker, propose_features
-from .detection import SpectralRelevanceAnalysis
 from .correction import (
     ClassArtifactCompensator,
     EnDClassifier,
@@ -17,6 +14,9 @@ from .correction import (
     GroupBalancedClassifier,
     SpuriosityHeadFinetuner,
 )
+from .detection import SpectralRelevanceAnalysis
+from .extraction import ActivationExtractor
+from .ranking import SpuriosityRanker, propose_features
 
 __all__ = [
     "ActivationExtractor",

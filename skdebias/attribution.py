@@ -7,15 +7,11 @@ import warnings
 import numpy as np
 import torch
 
-from ._torch import (
-    copy_module,
-    get_module,
-    iter_batches,
-    n_samples,
-    preserve_mode,
-    progress_bar,
-    resolve_device,
-)
+from ._utils._data import check_input, first_batch, iter_batches, n_samples
+from ._utils._hooks import check_network_input
+from ._utils._modules import copy_module, get_module, n_outputs, preserve_mode
+from ._utils._runtime import progress_bar, resolve_device
+from ._utils._validation import check_target
 
 __all__ = ["attribute", "ATTRIBUTION_METHODS", "resolve_composite"]
 
@@ -77,7 +73,7 @@ def _lrp_batch(module, xb, tb, composite):
 
 
 def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFlat",
-              batch_size=64, device="auto", reduce_channels=True, progress=False):
+              batch_size=64, device="auto", reduce_channels=True, verbose=0):
     """Attribution maps of a classifier's output for ``X``.
 
     Parameters
@@ -95,7 +91,8 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
     device : str, default="auto"
     reduce_channels : bool, default=True
         Sum relevance over channels, returning ``(n, H, W)``.
-    progress : bool, default=False
+    verbose : int, default=0
+        0: silent; 1 or more: progress bars over the long steps (tqdm).
 
     Returns
     -------
@@ -112,19 +109,31 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {ATTRIBUTION_METHODS}.")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    X, _ = check_input(X)
     n = n_samples(X)
-    if n == 0:
-        raise ValueError("X is empty: attribute needs at least one sample.")
+    target = check_target(target, n)
     dev = resolve_device(device)
     module = copy_module(get_module(estimator)).to(dev)
     for p in module.parameters():
         p.requires_grad_(False)
+    xb = first_batch(X)
+    check_network_input(module, xb, "X")
+    if target is not None:
+        k = n_outputs(module, xb.to(dev))
+        bad = np.unique(np.atleast_1d(target)[(np.atleast_1d(target) < 0)
+                                              | (np.atleast_1d(target) >= k)])
+        if len(bad):
+            raise ValueError(f"target must hold class indices in [0, {k - 1}] (the network's "
+                             f"outputs), got {bad[:10].tolist()}.")
     comp = resolve_composite(composite) if method == "lrp" else None
     out = None
     start = 0
     with preserve_mode(module, train=False):
         batches = iter_batches(X, batch_size=batch_size, device=dev)
-        for xb in progress_bar(batches, progress, total=-(-n // batch_size), desc="attribution"):
+        for xb in progress_bar(batches, verbose, total=-(-n // batch_size), desc="attribution"):
             tb = _targets(module, xb, target, start)
             if method == "lrp":
                 try:

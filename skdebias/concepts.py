@@ -18,8 +18,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import type_of_target
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_array,
+    check_is_fitted,
+    validate_data,
+)
 
+from ._utils._validation import check_int, check_labels, named_errors, unit_vector
 from .metrics import concept_sensitivity
 
 __all__ = ["CAVEstimator", "CAV_METHODS", "cav_alignment", "concept_sensitivity", "tcav_score"]
@@ -48,13 +54,21 @@ def cav_alignment(cav, A_with, A_without):
     dict with ``"cos_mean_diff"`` = cos(mean_i d_i, cav) and
     ``"mean_cos"`` = mean_i cos(d_i, cav) (pairs with d_i = 0 are skipped).
     """
-    cav = np.asarray(cav, dtype=np.float64).ravel()
-    D = np.asarray(A_with, dtype=np.float64) - np.asarray(A_without, dtype=np.float64)
-    if D.ndim != 2 or D.shape[1] != cav.shape[0]:
+    cav = unit_vector(cav, name="cav")
+    pairs = []
+    for name, A in (("A_with", A_with), ("A_without", A_without)):
+        with named_errors(name):
+            A = check_array(A, dtype=np.float64, input_name=name)
+        if A.shape[1] != cav.shape[0]:
+            raise ValueError(
+                f"Paired activations must have shape (n, {cav.shape[0]}) to match cav; {name} "
+                f"has shape {A.shape}.")
+        pairs.append(A)
+    if pairs[0].shape != pairs[1].shape:
         raise ValueError(
-            f"Paired activations must have shape (n, {cav.shape[0]}), got {D.shape}."
-        )
-    cav = cav / np.linalg.norm(cav)
+            f"Paired activations must have shape (n, {cav.shape[0]}), one row per pair; A_with "
+            f"has shape {pairs[0].shape}, A_without {pairs[1].shape}.")
+    D = pairs[0] - pairs[1]
     mean_d = D.mean(axis=0)
     norms = np.linalg.norm(D, axis=1)
     keep = norms > 0
@@ -141,8 +155,10 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"method={self.method!r} is not valid; choose one of {CAV_METHODS}.")
         for name in ("C", "alpha"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0 \
+                    or not np.isfinite(value):
+                raise ValueError(f"{name} must be a positive number (finite, > 0), got {value!r}.")
+        check_int("max_iter", self.max_iter)
 
     def fit(self, A, concept_labels, sample_weight=None):
         """Fit the CAV.
@@ -165,8 +181,9 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
                 "CAVEstimator requires y to be passed, but the target y is None: concept_labels "
                 "(0/1 per sample) are required to fit a CAV."
             )
-        A, t = validate_data(self, A, concept_labels, dtype=(np.float64, np.float32),
-                             y_numeric=False)
+        with named_errors("A"):
+            A = validate_data(self, A, dtype=(np.float64, np.float32))
+        t = check_labels(concept_labels, A.shape[0], name="concept_labels", other="A")
         sw = None
         if sample_weight is not None:
             sw = _check_sample_weight(sample_weight, A, dtype=np.float64)
@@ -271,7 +288,8 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
     def transform(self, A):
         """Projection of ``A - mean_`` on ``cav_``, shape ``(n_samples, 1)``."""
         check_is_fitted(self, "cav_")
-        A = validate_data(self, A, dtype=(np.float64, np.float32), reset=False)
+        with named_errors("A"):
+            A = validate_data(self, A, dtype=(np.float64, np.float32), reset=False)
         return (A @ self.cav_ - self.mean_ @ self.cav_)[:, None]
 
     def decision_function(self, A):

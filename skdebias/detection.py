@@ -19,18 +19,16 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import laplacian
-from sklearn.base import BaseEstimator
 from sklearn.cluster import KMeans
 from sklearn.neighbors import kneighbors_graph
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from ._torch import get_module, iter_batches, n_samples, preserve_mode
+from ._utils._data import first_batch, n_samples, take
+from ._utils._modules import get_module, n_outputs, network_classes
+from ._utils._validation import check_int, check_seed, check_y, encode_y
 from .attribution import ATTRIBUTION_METHODS, attribute
-from .correction._base import check_y, encode_y, network_classes, take
-from ._tags import NetworkInputMixin
-from ._validation import check_int
-from .extraction import _check_input
+from .base import BaseNetworkEstimator, atomic_fit
 
 __all__ = ["SpectralRelevanceAnalysis", "spectral_embedding_eigengap"]
 
@@ -89,7 +87,7 @@ def spectral_embedding_eigengap(affinity, max_clusters=8, n_clusters=None):
     return int(min(n_clusters, n)), vals, vecs
 
 
-class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
+class SpectralRelevanceAnalysis(BaseNetworkEstimator):
     """SpRAy: cluster the attribution maps of each class to find distinct strategies.
 
     For each analysed class ``c`` the maps ``R(x)`` of its samples (the
@@ -128,7 +126,8 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
     device : str or torch.device, default="auto"
     random_state : int, RandomState instance or None, default=None
         Seeds k-means.
-    progress : bool, default=False
+    verbose : int, default=0
+        0: silent; 1 or more: progress bars over the long steps (tqdm).
 
     Attributes
     ----------
@@ -178,7 +177,7 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
 
     def __init__(self, estimator, classes=None, method="lrp", composite="EpsilonPlusFlat",
                  map_size=14, normalize="l2", n_neighbors=10, n_clusters=None, max_clusters=8,
-                 batch_size=64, device="auto", random_state=None, progress=False):
+                 batch_size=64, device="auto", random_state=None, verbose=0):
         self.estimator = estimator
         self.classes = classes
         self.method = method
@@ -191,7 +190,7 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.random_state = random_state
-        self.progress = progress
+        self.verbose = verbose
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -210,19 +209,7 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
         check_int("batch_size", self.batch_size)
         if self.n_clusters is not None:
             check_int("n_clusters", self.n_clusters)
-
-    def _n_outputs(self, X):
-        module = get_module(self.estimator)
-        param = next(module.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        xb = next(iter_batches(X, batch_size=1, device=device))
-        with preserve_mode(module, train=False), torch.no_grad():
-            out = module(xb)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        if out.ndim != 2:
-            raise ValueError(
-                f"The network must output logits of shape (n, n_classes), got {tuple(out.shape)}.")
-        return int(out.shape[1])
+        check_seed("random_state", self.random_state)
 
     def _prepare(self, R):
         R = torch.as_tensor(R, dtype=torch.float32)
@@ -275,6 +262,7 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
                 out[j] = A[members][:, members].sum() / vol
         return out
 
+    @atomic_fit
     def fit(self, X, y):
         """Compute attributions per class and cluster them.
 
@@ -290,11 +278,12 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
         self : SpectralRelevanceAnalysis
         """
         self._check_params()
-        X, shape = _check_input(X)
+        X = self._validate_X(X, reset=True)
+        shape = self.input_shape_
         n = n_samples(X)
         y = check_y(y, n)
-        self._set_n_features_in(shape)
-        out_classes = network_classes(self.estimator, self._n_outputs(X))
+        out_classes = network_classes(
+            self.estimator, n_outputs(get_module(self.estimator), first_batch(X)))
         y_idx = encode_y(y, out_classes)
         present = np.unique(y)
         if self.classes is None:
@@ -320,7 +309,7 @@ class SpectralRelevanceAnalysis(NetworkInputMixin, BaseEstimator):
                 R = attribute(self.estimator, take(X, idx), target=target, method=self.method_,
                               composite=self.composite, batch_size=self.batch_size,
                               device=self.device, reduce_channels=not two_d,
-                              progress=self.progress)
+                              verbose=self.verbose)
             for w in caught:
                 if "falling back to gradient x input" in str(w.message):
                     self.method_ = "gradient_x_input"

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-
 import numpy as np
-import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.base import TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 
-from ._tags import NetworkInputMixin
-from ._validation import check_int
-from ._torch import (
-    capture_output,
+from ._utils._data import iter_batches, n_samples
+from ._utils._hooks import capture_output, stop_after
+from ._utils._modules import (
     copy_module,
     find_layer,
     get_module,
-    iter_batches,
-    n_samples,
+    module_device,
     preserve_mode,
-    progress_bar,
-    resolve_device,
-    stop_after,
 )
+from ._utils._runtime import progress_bar
+from ._utils._validation import check_choice, check_int
+from .base import BaseNetworkEstimator
 
 __all__ = ["ActivationExtractor", "pool_activations", "POOLINGS"]
 
@@ -36,6 +32,7 @@ def pool_activations(a: torch.Tensor, pooling) -> torch.Tensor:
     ``"flatten"`` for ``(B, C * prod(spatial))`` or ``None`` to keep the shape.
     Activations without spatial axes ``(B, C)`` are returned as they are.
     """
+    check_choice("pooling", pooling, POOLINGS)
     if pooling is None:
         return a
     if pooling == "flatten":
@@ -43,46 +40,10 @@ def pool_activations(a: torch.Tensor, pooling) -> torch.Tensor:
     if a.ndim <= 2:
         return a
     flat = a.reshape(a.shape[0], a.shape[1], -1)
-    if pooling == "max":
-        return flat.amax(dim=2)
-    if pooling == "mean":
-        return flat.mean(dim=2)
-    raise ValueError(f"pooling={pooling!r} is not valid; choose one of {POOLINGS}.")
+    return flat.amax(dim=2) if pooling == "max" else flat.mean(dim=2)
 
 
-def _check_pooling(pooling):
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r} is not valid; choose one of {POOLINGS}.")
-
-
-def _check_input(X, name="X"):
-    """Validate ``X`` (array-like, tensor or Dataset).
-
-    Returns ``(X, per_sample_shape)``; array-likes come back as float ndarrays
-    (no copy for float32/float64 input), Datasets with shape ``None``.
-    """
-    if isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.Tensor):
-        if n_samples(X) == 0:
-            raise ValueError(f"{name} is an empty Dataset.")
-        return X, None
-    if isinstance(X, torch.Tensor):
-        if X.ndim < 2 or X.shape[0] == 0:
-            raise ValueError(
-                f"Expected {name} of shape (n_samples, ...) with at least 2 dimensions and 1 "
-                f"sample, got shape {tuple(X.shape)}."
-            )
-        if X.is_complex() or not bool(torch.isfinite(X).all()):
-            raise ValueError(f"{name} contains NaN, infinity or complex values.")
-        return X, tuple(X.shape[1:])
-    if sp.issparse(X):
-        raise TypeError(
-            "Sparse input is not supported: pass a dense array of images (n, C, H, W)."
-        )
-    X = check_array(X, allow_nd=True, dtype=(np.float32, np.float64), input_name=name)
-    return X, tuple(X.shape[1:])
-
-
-class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
+class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
     """Extract (pooled) activations of a named layer of a network.
 
     Parameters
@@ -101,8 +62,8 @@ class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
         Samples per forward pass; memory is bounded by it.
     device : str or torch.device, default="auto"
         ``"auto"`` uses CUDA when available, else the CPU.
-    progress : bool, default=False
-        Show a tqdm progress bar over batches.
+    verbose : int, default=0
+        0: silent; 1 or more: progress bars over the long steps (tqdm).
 
     Attributes
     ----------
@@ -127,13 +88,13 @@ class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, estimator, layer, pooling="max", batch_size=128, device="auto",
-                 progress=False):
+                 verbose=0):
         self.estimator = estimator
         self.layer = layer
         self.pooling = pooling
         self.batch_size = batch_size
         self.device = device
-        self.progress = progress
+        self.verbose = verbose
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -141,13 +102,10 @@ class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
         return tags
 
     def _module_on_device(self, device):
+        # extraction only reads the network: the caller's module is used where it lives
+        # (train/eval flags restored after every batch), a copy only to move it
         module = get_module(self.estimator)
-        try:
-            param = next(module.parameters())
-            current = param.device
-        except StopIteration:
-            current = device
-        if current != device:
+        if next(module.parameters(), None) is not None and module_device(module) != device:
             module = copy_module(module).to(device)
         return module
 
@@ -163,11 +121,10 @@ class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
         -------
         self : ActivationExtractor
         """
-        _check_pooling(self.pooling)
+        check_choice("pooling", self.pooling, POOLINGS)
         check_int("batch_size", self.batch_size)
-        self.device_ = resolve_device(self.device)
-        X, self.input_shape_ = _check_input(X)
-        self._set_n_features_in(self.input_shape_)
+        self.device_ = self._resolve_device()
+        X = self._validate_X(X, reset=True)
         self.module_ = self._module_on_device(self.device_)
         find_layer(self.module_, self.layer)
         first = next(iter_batches(X, batch_size=1, device=self.device_))
@@ -204,17 +161,7 @@ class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
             activation shape for ``pooling=None``), dtype float32
         """
         check_is_fitted(self, "output_shape_")
-        X, shape = _check_input(X)
-        if self.input_shape_ is not None and shape is not None and shape != self.input_shape_:
-            if len(shape) == 1 and len(self.input_shape_) == 1:
-                raise ValueError(
-                    f"X has {shape[0]} features, but ActivationExtractor is expecting "
-                    f"{self.input_shape_[0]} features as input."
-                )
-            raise ValueError(
-                f"X has per-sample shape {shape}, but ActivationExtractor was fitted on "
-                f"{self.input_shape_}."
-            )
+        X = self._validate_X(X, reset=False)
         n = n_samples(X)
         expected = (n, *self.output_shape_)
         if out is None:
@@ -224,7 +171,7 @@ class ActivationExtractor(NetworkInputMixin, TransformerMixin, BaseEstimator):
         batches = iter_batches(X, batch_size=self.batch_size, device=self.device_)
         n_batches = -(-n // self.batch_size)
         start = 0
-        for xb in progress_bar(batches, self.progress, total=n_batches, desc="activations"):
+        for xb in progress_bar(batches, self.verbose, total=n_batches, desc="activations"):
             a = self._forward(xb)
             out[start:start + a.shape[0]] = a.cpu().numpy()
             start += a.shape[0]

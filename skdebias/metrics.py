@@ -7,24 +7,45 @@ network plus data, and returns floats or dicts of floats.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.utils.metadata_routing import UNUSED as _UNUSED
 from sklearn.utils.metadata_routing import _MetadataRequester
 
-from ._validation import check_int
+from ._utils._data import check_input, first_batch, iter_batches, n_samples, take
+from ._utils._hooks import capture_output, check_network_input
+from ._utils._modules import (
+    find_layer,
+    get_module,
+    is_skorch_net,
+    module_device,
+    network_classes,
+    predict_proba,
+    preserve_mode,
+)
+from ._utils._stats import gap_weights
+from ._utils._validation import (
+    check_choice,
+    check_int,
+    check_real,
+    check_target,
+    encode_y,
+    unit_vector,
+)
+from .attribution import attribute
 
 __all__ = ["concept_sensitivity", "attacked_accuracy", "artifact_relevance",
            "worst_group_accuracy", "make_debias_scorer", "DebiasScorer", "spurious_gap",
            "counterfactual_bias"]
 
+#: How :func:`concept_sensitivity` reduces the gradient over spatial positions.
+GRADIENT_POOLINGS = ("mean", "max", "sum")
+
+
 # ---------------------------------------------------------------- correction metrics (CAV / ClArC)
 def _network(net):
     """The network behind ``net``: a module or skorch net as is, else ``net.module_``
     (e.g. a fitted :class:`~skdebias.correction.GradientPenaltyCorrector`)."""
-    import torch
-
-    from ._torch import _is_skorch_net
-
-    if isinstance(net, torch.nn.Module) or _is_skorch_net(net):
+    if isinstance(net, torch.nn.Module) or is_skorch_net(net):
         return net
     module = getattr(net, "module_", None)
     if isinstance(module, torch.nn.Module):
@@ -34,28 +55,24 @@ def _network(net):
         f"(e.g. a fitted corrector), got {type(net).__name__}.")
 
 
-def _unit_cav(cav):
-    vec = getattr(cav, "cav_", cav)
-    if hasattr(vec, "detach"):
-        vec = vec.detach().cpu().numpy()
-    vec = np.asarray(vec, dtype=np.float64).ravel()
-    norm = float(np.linalg.norm(vec)) if vec.size else 0.0
-    if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError("cav must be a non-zero finite vector or a fitted CAVEstimator.")
-    return vec / norm
+def _check_network_input(net, X, name="X"):
+    """One sample of ``X`` through the network behind ``net`` (if it has one): a shape the
+    network cannot take raises a ``ValueError`` naming ``name`` and the input it expects."""
+    try:
+        module = get_module(_network(net))
+    except TypeError:  # any classifier with predict: its own checks
+        return
+    check_network_input(module, first_batch(X), name)
 
 
 def _predict_labels(net, X, batch_size=256):
-    import torch
-
-    from ._torch import predict_proba
-
     if not isinstance(net, torch.nn.Module) and hasattr(net, "predict"):
         return np.asarray(net.predict(X))
     return np.argmax(predict_proba(net, X, batch_size=batch_size), axis=1)
 
 
-def concept_sensitivity(net, X, layer, cav, target=None, pooling="mean", batch_size=128):
+def concept_sensitivity(net, X, layer, cav, target=None, gradient_pooling="mean",
+                        batch_size=128):
     """Directional derivative of a class logit along a CAV at a layer (TCAV-style).
 
     For each sample, ``g = d f_target / d a`` at ``layer`` (``a`` of shape
@@ -75,8 +92,8 @@ def concept_sensitivity(net, X, layer, cav, target=None, pooling="mean", batch_s
     target : None, int or array-like of shape (n,), default=None
         Logit to differentiate: ``None`` the predicted class, an int that class
         for every sample, an array one class index per sample.
-    pooling : {"mean", "max", "sum"}, default="mean"
-        ``"mean"``/``"sum"`` over positions (``"mean"`` is what RR-ClArC's
+    gradient_pooling : {"mean", "max", "sum"}, default="mean"
+        How the gradient is reduced over positions: ``"mean"``/``"sum"`` over positions (``"mean"`` is what RR-ClArC's
         ``l2_mean`` penalises); ``"max"`` takes each channel's gradient at the
         position of its maximal activation (the gradient with respect to the
         max-pooled activation the CAV was fitted on).
@@ -100,31 +117,18 @@ def concept_sensitivity(net, X, layer, cav, target=None, pooling="mean", batch_s
     >>> concept_sensitivity(net, X, "0", [1.0, 0.0], target=0)["mean_abs"]
     3.0
     """
-    import torch
-
-    from ._torch import (
-        capture_output,
-        find_layer,
-        get_module,
-        iter_batches,
-        n_samples,
-        preserve_mode,
-    )
-
-    if pooling not in ("mean", "max", "sum"):
-        raise ValueError(f"pooling={pooling!r} is not valid; choose one of ('mean', 'max', 'sum').")
+    check_choice("gradient_pooling", gradient_pooling, GRADIENT_POOLINGS)
+    check_int("batch_size", batch_size)
+    X, _ = check_input(X)
     module = get_module(_network(net))
     layer_module = find_layer(module, layer)
-    v_np = _unit_cav(cav)
-    param = next(module.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    v_np = unit_vector(cav)
+    device = module_device(module)
     n = n_samples(X)
     if n == 0:
         raise ValueError("X is empty: concept_sensitivity needs at least one sample.")
-    if target is not None and np.ndim(target) > 0:
-        target = np.asarray(target).ravel()
-        if len(target) != n:
-            raise ValueError(f"target has {len(target)} entries but X has {n} samples.")
+    target = check_target(target, n)
+    check_network_input(module, first_batch(X), "X")
     scores = []
     start = 0
     with preserve_mode(module, train=False):
@@ -151,9 +155,9 @@ def concept_sensitivity(net, X, layer, cav, target=None, pooling="mean", batch_s
                 raise ValueError(f"target must hold class indices in [0, {out.shape[1] - 1}].")
             (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), a)
             flat = g.reshape(g.shape[0], g.shape[1], -1)
-            if pooling == "mean":
+            if gradient_pooling == "mean":
                 pooled = flat.mean(dim=2)
-            elif pooling == "sum":
+            elif gradient_pooling == "sum":
                 pooled = flat.sum(dim=2)
             else:
                 idx = a.detach().reshape(a.shape[0], a.shape[1], -1).argmax(dim=2, keepdim=True)
@@ -196,7 +200,11 @@ def attacked_accuracy(net, X, y, add_artifact, batch_size=256):
     if not callable(add_artifact):
         raise ValueError(f"add_artifact must be a callable returning the attacked X, got "
                          f"{add_artifact!r}.")
-    X_att = add_artifact(X)
+    check_int("batch_size", batch_size)
+    X, _ = check_input(X)
+    _check_network_input(net, X)
+    X_att, _ = check_input(add_artifact(X), name="add_artifact(X)")
+    _check_network_input(net, X_att, name="add_artifact(X)")
     y = np.asarray(y).ravel()
     pred = _predict_labels(net, X_att, batch_size=batch_size)
     if len(pred) != len(y):
@@ -242,13 +250,15 @@ def artifact_relevance(net, X, masks, target=None, method="lrp", composite="Epsi
     >>> round(artifact_relevance(SmallCNN(), X, mask, device="cpu"), 3)
     1.0
     """
-    from .attribution import attribute
-
     R = attribute(_network(net), X, target=target, method=method, composite=composite,
                   batch_size=batch_size, device=device)
     R = np.abs(R.astype(np.float64))
-    m = np.asarray(masks, dtype=np.float64)
-    if m.ndim == 2:
+    try:
+        m = np.asarray(masks, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"masks must be numeric (1 inside the artifact) of shape {R.shape} or "
+                         f"{R.shape[1:]}, got {masks!r}.") from exc
+    if m.shape == R.shape[1:]:
         m = np.broadcast_to(m, R.shape)
     if m.shape != R.shape:
         raise ValueError(f"masks must have shape {R.shape} or {R.shape[1:]}, got {m.shape}.")
@@ -286,6 +296,8 @@ def worst_group_accuracy(y_true, y_pred, groups, return_groups=False):
     y_true = np.asarray(y_true).ravel()
     y_pred = np.asarray(y_pred).ravel()
     g = np.asarray(groups)
+    if g.ndim not in (1, 2):
+        raise ValueError(f"groups must be 1-d or 2-d, got shape {g.shape}.")
     if len(y_true) != len(y_pred) or len(g) != len(y_true):
         raise ValueError(
             f"y_true, y_pred and groups must have the same length, got {len(y_true)}, "
@@ -323,24 +335,38 @@ class DebiasScorer(_MetadataRequester):
     on the samples whose concept label is not -1 (all samples if none is);
     ``sample_weight`` weights the accuracy once requested with
     ``set_score_request(sample_weight=True)``.
+
+    Parameters
+    ----------
+    layer, cav, reference, sensitivity_weight, target, gradient_pooling, batch_size
+        As in :func:`make_debias_scorer`.
     """
 
     # ``estimator`` is the scored object, not metadata
     __metadata_request__score = {"estimator": _UNUSED, "concept_labels": True}
 
     def __init__(self, layer=None, cav=None, reference=None, sensitivity_weight=0.5,
-                 target=None, pooling="mean", batch_size=128):
+                 target=None, gradient_pooling="mean", batch_size=128):
         self.layer = layer
         self.cav = cav
         self.reference = reference
         self.sensitivity_weight = sensitivity_weight
         self.target = target
-        self.pooling = pooling
+        self.gradient_pooling = gradient_pooling
         self.batch_size = batch_size
 
     def __repr__(self):
         return (f"make_debias_scorer(layer={self.layer!r}, sensitivity_weight="
                 f"{self.sensitivity_weight!r}, reference={self.reference!r})")
+
+    def _check_params(self):
+        """Check the parameters (messages name them); returns ``sensitivity_weight``."""
+        w = check_real("sensitivity_weight", self.sensitivity_weight, low=0, high=1)
+        check_choice("gradient_pooling", self.gradient_pooling, GRADIENT_POOLINGS)
+        check_int("batch_size", self.batch_size)
+        if self.reference is not None:
+            check_real("reference", self.reference, low=0)
+        return w
 
     def __call__(self, estimator, X, y, **metadata):
         return self.score(estimator, X, y, **metadata)
@@ -350,9 +376,7 @@ class DebiasScorer(_MetadataRequester):
         from sklearn.metrics import accuracy_score
         from sklearn.pipeline import Pipeline
 
-        w = float(self.sensitivity_weight)
-        if not 0.0 <= w <= 1.0:
-            raise ValueError(f"sensitivity_weight must be in [0, 1], got {self.sensitivity_weight!r}.")
+        w = self._check_params()
         final, Xt = estimator, X
         if isinstance(estimator, Pipeline):
             final = estimator[-1]
@@ -372,12 +396,10 @@ class DebiasScorer(_MetadataRequester):
         if concept_labels is not None:
             idx = np.flatnonzero(np.asarray(concept_labels).ravel() != -1)
             if 0 < len(idx) < len(np.asarray(concept_labels).ravel()):
-                from .correction._base import take
-
                 X_s = take(Xt, idx)
                 if target is not None and np.ndim(target) > 0:
                     target = np.asarray(target)[idx]
-        s = concept_sensitivity(final, X_s, layer, cav, target=target, pooling=self.pooling,
+        s = concept_sensitivity(final, X_s, layer, cav, target=target, gradient_pooling=self.gradient_pooling,
                                 batch_size=self.batch_size)["mean_abs"]
         if self.reference is not None:
             ref = float(self.reference)
@@ -389,7 +411,7 @@ class DebiasScorer(_MetadataRequester):
                     "reference= (the sensitivity of the uncorrected network) is needed unless "
                     "the scored estimator is a corrector with estimator and layer.")
             ref = concept_sensitivity(original, X_s, ref_layer, cav, target=target,
-                                      pooling=self.pooling, batch_size=self.batch_size)["mean_abs"]
+                                      gradient_pooling=self.gradient_pooling, batch_size=self.batch_size)["mean_abs"]
         if ref > 0:
             removed = 1.0 - min(s / ref, 1.0)
         else:  # nothing to remove: full credit only if the scored model has none either
@@ -398,7 +420,7 @@ class DebiasScorer(_MetadataRequester):
 
 
 def make_debias_scorer(layer=None, cav=None, reference=None, sensitivity_weight=0.5, target=None,
-                       pooling="mean", batch_size=128):
+                       gradient_pooling="mean", batch_size=128):
     """A scorer for ``GridSearchCV`` combining accuracy and removed concept sensitivity.
 
     ``score = (1 - w) * accuracy + w * (1 - min(s / s_ref, 1))``; see
@@ -420,7 +442,8 @@ def make_debias_scorer(layer=None, cav=None, reference=None, sensitivity_weight=
         ``w``; 0 gives plain accuracy.
     target : None, int or array-like, default=None
         Logit for the sensitivity (``None``: predicted class).
-    pooling : {"mean", "max", "sum"}, default="mean"
+    gradient_pooling : {"mean", "max", "sum"}, default="mean"
+        As in :func:`concept_sensitivity`.
     batch_size : int, default=128
 
     Returns
@@ -435,34 +458,18 @@ def make_debias_scorer(layer=None, cav=None, reference=None, sensitivity_weight=
     >>> make_debias_scorer(sensitivity_weight=0.3)
     make_debias_scorer(layer=None, sensitivity_weight=0.3, reference=None)
     """
-    return DebiasScorer(layer=layer, cav=cav, reference=reference,
-                        sensitivity_weight=sensitivity_weight, target=target, pooling=pooling,
-                        batch_size=batch_size)
+    scorer = DebiasScorer(layer=layer, cav=cav, reference=reference,
+                          sensitivity_weight=sensitivity_weight, target=target,
+                          gradient_pooling=gradient_pooling, batch_size=batch_size)
+    scorer._check_params()
+    return scorer
 
 
 # ---------------------------------------------------------------- spuriosity metrics
 
 
-def _end_weights(values, k):
-    """Weights selecting the ``k`` samples with the lowest ``values`` (they sum to ``k``).
-
-    Samples tied with the k-th value share the places left (the expected selection over random
-    tie-breaking), so a mean over the selection does not depend on the order of the samples.
-    Used by :func:`_gap_weights`.
-    """
-    values = np.asarray(values)
-    kth = np.sort(values)[k - 1]
-    below, tied = values < kth, values == kth
-    w = below.astype(np.float64)
-    w[tied] = (k - below.sum()) / tied.sum()
-    return w
 
 
-def _gap_weights(spuriosity, k):
-    """Per-sample weights of one class's gap times ``k``: ``correct @ w / k`` is the accuracy of
-    the ``k`` most spurious samples minus that of the ``k`` least spurious (ties shared, see
-    :func:`_end_weights`). Used by :func:`spurious_gap` and the head fine-tuner."""
-    return _end_weights(-spuriosity, k) - _end_weights(spuriosity, k)
 
 
 def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=False):
@@ -529,7 +536,11 @@ def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=Fals
     check_int("k", k)
     y_true = np.asarray(y_true).ravel()
     y_pred = np.asarray(y_pred).ravel()
-    s = np.asarray(spuriosity, dtype=np.float64).ravel()
+    try:
+        s = np.asarray(spuriosity, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"spuriosity must hold one number per sample, got {spuriosity!r}.") \
+            from exc
     groups = y_true if y is None else np.asarray(y).ravel()
     n = len(y_true)
     for name, arr in (("y_pred", y_pred), ("spuriosity", s), ("y", groups)):
@@ -550,7 +561,7 @@ def spurious_gap(y_true, y_pred, spuriosity, y=None, k=10, return_per_class=Fals
             raise ValueError(
                 f"k={k} is larger than class {c!r}, which has {len(idx)} samples; use "
                 f"k <= {len(idx)}.")
-        per_class[c] = float(_gap_weights(s[idx], k) @ correct[idx] / k)
+        per_class[c] = float(gap_weights(s[idx], k) @ correct[idx] / k)
     if not per_class:
         raise ValueError("spuriosity is NaN for every sample: no class has spurious features.")
     gap = float(np.mean(list(per_class.values())))
@@ -597,9 +608,10 @@ def counterfactual_bias(net, X, X_cf, y, *, signed=False, batch_size=256):
     >>> counterfactual_bias(net, X, X, np.zeros(8, dtype=int))
     0.0
     """
-    from ._torch import n_samples, predict_proba
-    from .correction._base import encode_y, network_classes
-
+    check_int("batch_size", batch_size)
+    X, _ = check_input(X)
+    X_cf, _ = check_input(X_cf, name="X_cf")
+    _check_network_input(net, X)
     n, n_cf = n_samples(X), n_samples(X_cf)
     shape = tuple(getattr(X, "shape", ())[1:])
     shape_cf = tuple(getattr(X_cf, "shape", ())[1:])

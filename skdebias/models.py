@@ -6,7 +6,8 @@ import torch
 from skorch import NeuralNetClassifier
 from torch import nn
 
-from ._torch import last_linear, replace_module, resolve_device
+from ._utils._modules import last_linear, replace_module
+from ._utils._runtime import resolve_device
 
 __all__ = ["SmallCNN", "SeededNeuralNetClassifier", "make_classifier", "torchvision_model"]
 
@@ -64,6 +65,15 @@ class SeededNeuralNetClassifier(NeuralNetClassifier):
     fit, for pickled copies and for ``sklearn.base.clone`` (e.g. inside
     ``GridSearchCV``). ``None`` leaves torch's RNG alone. Everything else is
     skorch's ``NeuralNetClassifier``; :func:`make_classifier` builds one.
+
+    Parameters
+    ----------
+    module : torch.nn.Module class or instance
+        As in skorch.
+    random_state : int or None, default=None
+        Seed of torch's RNG at every initialisation.
+    *args, **kwargs
+        skorch's ``NeuralNetClassifier`` arguments.
     """
 
     def __init__(self, module, *args, random_state=None, **kwargs):

@@ -26,7 +26,8 @@ from sklearn.utils import Bunch
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from ._validation import check_int
+from ._utils._validation import check_int, check_labels, named_errors, unit_vector
+from .concepts import CAVEstimator
 
 __all__ = ["SpuriosityRanker", "propose_features"]
 
@@ -147,8 +148,6 @@ class SpuriosityRanker(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def _resolve_cav(self, A, concept_labels):
-        from .concepts import CAVEstimator
-
         cav = self.cav
         n_features = A.shape[1]
 
@@ -164,14 +163,11 @@ class SpuriosityRanker(TransformerMixin, BaseEstimator):
                             "fit(A, y, concept_labels=c) so it can be fitted, or pass a "
                             "fitted one or a vector.") from None
                     v = clone(v).fit(A, concept_labels).cav_
-            v = np.asarray(v, dtype=np.float64).ravel()
+            v = unit_vector(v, name=where)
             if v.shape != (n_features,):
                 raise ValueError(
                     f"{where} has {v.size} entries, but A has {n_features} features.")
-            norm = np.linalg.norm(v)
-            if not np.isfinite(norm) or norm == 0:
-                raise ValueError(f"{where} must be a finite, non-zero vector.")
-            return v / norm
+            return v
 
         if isinstance(cav, Mapping):
             if not cav:
@@ -220,8 +216,14 @@ class SpuriosityRanker(TransformerMixin, BaseEstimator):
         self : SpuriosityRanker
         """
         check_int("k", self.k)
-        A, y = validate_data(self, A, y, dtype=(np.float64, np.float32))
-        check_classification_targets(y)
+        if y is None:
+            raise ValueError(
+                "SpuriosityRanker requires y to be passed, but the target y is None.")
+        with named_errors("A"):
+            A = validate_data(self, A, dtype=(np.float64, np.float32))
+        y = check_labels(y, A.shape[0], name="y", other="A")
+        with named_errors("y"):
+            check_classification_targets(y)
         self.classes_ = np.unique(y)
         has_sf, has_cav = self.spurious_features is not None, self.cav is not None
         if has_sf and has_cav:
@@ -286,7 +288,8 @@ class SpuriosityRanker(TransformerMixin, BaseEstimator):
             spurious features.
         """
         check_is_fitted(self, "mean_")
-        A = validate_data(self, A, reset=False, dtype=(np.float64, np.float32))
+        with named_errors("A"):
+            A = validate_data(self, A, reset=False, dtype=(np.float64, np.float32))
         y = self._check_y(y, A.shape[0])
         out = np.full(A.shape[0], np.nan, dtype=A.dtype)
         for c in self.scored_classes_.tolist():
@@ -316,7 +319,8 @@ class SpuriosityRanker(TransformerMixin, BaseEstimator):
         if y is not None:
             return self.score_samples(A, y)[:, None]
         check_is_fitted(self, "mean_")
-        A = validate_data(self, A, reset=False, dtype=(np.float64, np.float32))
+        with named_errors("A"):
+            A = validate_data(self, A, reset=False, dtype=(np.float64, np.float32))
         out = np.full((A.shape[0], len(self.classes_)), np.nan, dtype=A.dtype)
         scored = set(self.scored_classes_.tolist())
         for j, c in enumerate(self.classes_.tolist()):

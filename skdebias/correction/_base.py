@@ -1,233 +1,57 @@
 """What the CAV-based correctors (RR-ClArC, A-/P-ClArC) share.
 
-- input and concept-label validation;
-- fitting the CAV on max-pooled activations of the copied network;
+- fitting the CAV on pooled activations of the copied network;
 - the freezing rules of ``train_layers``;
 - a skorch classifier that keeps frozen modules in eval mode;
-- a common sklearn base class that delegates ``predict``/``predict_proba``/``score``
-  to the corrected network.
+- the base class: validation, the network copy, the CAV, prediction through
+  the corrected skorch network.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
-from skorch import NeuralNetClassifier
+from sklearn.utils import check_random_state
+from skorch import NeuralNet, NeuralNetClassifier
+from skorch.callbacks import Callback, GradientNormClipping
+from skorch.dataset import ValidSplit
 from torch import nn
 
-from .._torch import (
-    _is_skorch_net,
-    copy_module,
-    dataset_targets,
+from .._utils._data import dataset_targets, iter_batches, n_samples, take
+from .._utils._hooks import trace_layer
+from .._utils._modules import (
+    OUTPUTS,
     find_layer,
-    get_module,
-    n_samples,
-    preserve_mode,
-    resolve_device,
+    is_skorch_net,
+    network_classes,
+    predict_proba,
+    resolve_output,
+    to_logits,
+    to_probabilities,
 )
-from .._tags import NetworkInputMixin
-from .._validation import check_choice, check_int, check_real
-from ..extraction import ActivationExtractor, _check_input
+from .._utils._runtime import resolve_device
+from .._utils._training import DivergenceGuard
+from .._utils._validation import (
+    UNLABELLED,
+    check_choice,
+    check_concept_labels,
+    check_int,
+    check_real,
+    check_seed,
+    check_y,
+    encode_y,
+    unit_vector,
+)
+from ..base import BaseNetworkEstimator, NetworkClassifierMixin
+from ..concepts import CAVEstimator
+from ..extraction import ActivationExtractor
 
 __all__ = []
-
-#: Value of ``concept_labels`` that marks a sample without a concept label.
-UNLABELLED = -1
-
-
-# ------------------------------------------------------------------ validation
-def check_y(y, n):
-    """``y`` as a 1-d array of class labels of length ``n``."""
-    from sklearn.utils.multiclass import type_of_target
-    from sklearn.utils.validation import column_or_1d
-
-    if y is None:
-        raise ValueError("requires y to be passed, but the target y is None.")
-    if isinstance(y, torch.Tensor):
-        y = y.detach().cpu().numpy()
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = column_or_1d(y, warn=True)
-    if y.ndim != 1:
-        raise ValueError(f"y must be 1-d (one class label per sample), got shape {y.shape}.")
-    if len(y) != n:
-        raise ValueError(
-            f"X and y have inconsistent numbers of samples: X has {n}, y has {len(y)}.")
-    kind = type_of_target(y, input_name="y", raise_unknown=True)
-    if kind not in ("binary", "multiclass"):
-        raise ValueError(
-            f"Unknown label type: {kind}. y must hold class labels (binary or multiclass).")
-    return y
-
-
-def check_concept_labels(concept_labels, n, required=True):
-    """Concept labels as int64 in {-1, 0, 1} (-1: no label), or ``None`` if not given.
-
-    Raises if they are required and missing, have the wrong length, hold other
-    values, or the labelled samples do not contain both classes.
-    """
-    if concept_labels is None:
-        if required:
-            raise ValueError(
-                "concept_labels are required to fit the CAV (0/1 per sample, -1 for samples "
-                "without a label): call fit(X, y, concept_labels=c) (with metadata routing: "
-                "set_fit_request(concept_labels=True)), or pass cav= as a vector.")
-        return None
-    c = concept_labels.detach().cpu().numpy() if isinstance(concept_labels, torch.Tensor) \
-        else np.asarray(concept_labels)
-    if c.ndim != 1 or len(c) != n:
-        raise ValueError(
-            f"concept_labels must be 1-d with one entry per sample ({n}), got shape {c.shape}.")
-    if c.dtype.kind == "b":
-        c = c.astype(np.int64)
-    if c.dtype.kind not in "iuf" or (c.dtype.kind == "f" and not np.all(np.isfinite(c))):
-        raise ValueError(f"concept_labels must be numeric 0/1 (-1: unlabelled), got dtype {c.dtype}.")
-    values = set(np.unique(c).tolist())
-    if not values <= {0, 1, UNLABELLED}:
-        raise ValueError(
-            f"concept_labels must hold 0 (concept absent), 1 (present) or -1 (no label); got "
-            f"values {sorted(values)}.")
-    c = c.astype(np.int64)
-    present = sorted(values - {UNLABELLED})
-    if required and present != [0, 1]:
-        raise ValueError(
-            f"concept_labels of the labelled samples contain one class only ({present}); a CAV "
-            "needs samples with (1) and without (0) the concept.")
-    return c
-
-
-def take(X, idx):
-    """Rows ``idx`` of an array, tensor or Dataset (a ``Subset``)."""
-    if isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.Tensor):
-        return torch.utils.data.Subset(X, np.asarray(idx).tolist())
-    if isinstance(X, torch.Tensor):
-        return X[torch.as_tensor(np.asarray(idx), device=X.device)]
-    return X[np.asarray(idx)]
-
-
-class _Pairs(torch.utils.data.Dataset):
-    """A Dataset yielding ``(x, y_i)``: the images of ``X`` (items ``x`` or ``(x, ...)``)
-    with the given labels (zeros when none are given), as skorch expects."""
-
-    def __init__(self, X, y=None):
-        self.X = X
-        self.y = None if y is None else torch.as_tensor(np.asarray(y), dtype=torch.long)
-
-    def __len__(self):
-        return len(self.X)
-
-    def __getitem__(self, i):
-        item = self.X[i]
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        x = torch.as_tensor(x, dtype=torch.float32)
-        return x, (self.y[i] if self.y is not None else torch.tensor(0))
-
-
-def training_data(X, y=None):
-    """``X`` for skorch: arrays and tensors as they are, Datasets relabelled with ``y``."""
-    if isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.Tensor):
-        return _Pairs(X, y)
-    if isinstance(X, np.ndarray) and X.dtype != np.float32:
-        return X.astype(np.float32)
-    if isinstance(X, torch.Tensor) and X.dtype != torch.float32:
-        return X.float()
-    return X
-
-
-# ------------------------------------------------------------------ networks
-def copy_network(estimator):
-    """A deep copy of the module behind ``estimator`` (module or skorch net); the caller's is untouched."""
-    module = get_module(estimator)
-    return copy_module(module)
-
-
-def network_classes(estimator, n_outputs):
-    """Class labels in output order: a fitted skorch classifier's ``classes_``, else ``0..n_outputs-1``."""
-    if _is_skorch_net(estimator):
-        try:
-            classes = np.asarray(estimator.classes_)
-        except (AttributeError, KeyError, TypeError):  # not fitted or no classes
-            classes = None
-        if classes is not None and classes.ndim == 1 and len(classes) == n_outputs:
-            return classes
-    return np.arange(n_outputs)
-
-
-def encode_y(y, classes):
-    """``y`` as indices into ``classes``; raises for labels the network has no output for."""
-    unknown = np.setdiff1d(np.unique(y), classes)
-    if len(unknown):
-        raise ValueError(
-            f"y contains labels {unknown[:10].tolist()} that are not among the network's classes "
-            f"{classes[:20].tolist()} (one per output unit, in output order).")
-    sorter = np.argsort(classes, kind="stable")
-    return sorter[np.searchsorted(classes, y, sorter=sorter)].astype(np.int64)
-
-
-def first_batch(X):
-    """The first sample of ``X`` as a float32 batch of one, on the CPU."""
-    from .._torch import iter_batches
-
-    return next(iter_batches(X, batch_size=1))
-
-
-def module_device(module):
-    param = next(module.parameters(), None)
-    if param is None:
-        buf = next(module.buffers(), None)
-        return buf.device if buf is not None else torch.device("cpu")
-    return param.device
-
-
-def trace_layer(module, layer, xb):
-    """Run one forward pass and record the order of module calls around ``layer``.
-
-    Returns ``(before, out_shape, n_outputs)``: ``before`` the names of the
-    modules whose forward starts before ``layer``'s forward ends (``layer`` and
-    its sub-modules included, the root included), the per-sample output shape
-    of ``layer`` and the number of network outputs.
-    """
-    target = find_layer(module, layer)
-    names = {id(m): name for name, m in module.named_modules()}
-    started: list[str] = []
-    state = {"end": None, "shape": None}
-    handles = []
-
-    def pre_hook(mod, _inputs):
-        started.append(names.get(id(mod), ""))
-
-    def post_hook(_mod, _inputs, output):
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if state["end"] is None:
-            state["end"] = len(started)
-            state["shape"] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
-
-    try:
-        for m in module.modules():
-            handles.append(m.register_forward_pre_hook(pre_hook))
-        handles.append(target.register_forward_hook(post_hook))
-        device = module_device(module)
-        with preserve_mode(module, train=False), torch.no_grad():
-            out = module(xb.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    if state["end"] is None:
-        raise ValueError(f"Layer {layer!r} is not called in the forward pass of the network.")
-    if state["shape"] is None:
-        raise ValueError(f"Layer {layer!r} does not output a tensor.")
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ValueError(
-            "The network must output logits of shape (n_samples, n_classes); got "
-            f"{type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))}.")
-    return started[:state["end"]], state["shape"], int(out.shape[1])
 
 
 def resolve_train_layers(module, layer, train_layers, before):
@@ -294,8 +118,6 @@ def resolve_cav(cav, module, layer, X, concept_labels, out_shape, batch_size, de
     when no concept labels are given). ``out_shape`` is the per-sample shape of
     the layer's output.
     """
-    from ..concepts import CAVEstimator
-
     A = t = None
     if concept_labels is not None:
         idx = np.flatnonzero(concept_labels != UNLABELLED)
@@ -320,36 +142,56 @@ def resolve_cav(cav, module, layer, X, concept_labels, out_shape, batch_size, de
                 "CAVEstimator or a vector.")
         fitted = est
     else:
-        if isinstance(cav, torch.Tensor):
-            cav = cav.detach().cpu().numpy()
-        vec = np.asarray(cav)
-        if vec.dtype.kind not in "iuf":
-            raise ValueError(f"cav must be a CAVEstimator or a numeric vector, got {cav!r}.")
-        fitted = None
-    vec = np.asarray(vec, dtype=np.float64).ravel()
+        vec, fitted = cav, None
+    vec = unit_vector(vec, name="cav")
     if pooling == "flatten":
         n_dims = int(np.prod(out_shape)) if len(out_shape) else 1
         what = f"{n_dims} values per sample (flattened activations of shape {tuple(out_shape)})"
     else:
         n_dims = out_shape[0] if len(out_shape) >= 1 else 1
-        what = f"{n_dims} channels (max-pooled activations)"
+        what = f"{n_dims} channels ({pooling}-pooled activations)"
     if vec.shape[0] != n_dims:
         raise ValueError(
-            f"The CAV has {vec.shape[0]} dimensions but layer {layer!r} has {what}; fit it on "
+            f"cav has {vec.shape[0]} dimensions but layer {layer!r} has {what}; fit it on "
             "this layer's activations.")
-    norm = float(np.linalg.norm(vec))
-    if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError("The CAV is zero or not finite; it must be a non-zero finite vector.")
-    return (vec / norm).astype(np.float32), fitted, A, t
+    return vec.astype(np.float32), fitted, A, t
 
 
 # ------------------------------------------------------------------ skorch
 class _CorrectionNet(NeuralNetClassifier):
     """NeuralNetClassifier that keeps ``eval_modules`` of the module in eval mode while training."""
 
-    def __init__(self, module, *args, eval_modules=(), **kwargs):
+    def __init__(self, module, *args, eval_modules=(), output_space="logits", **kwargs):
         super().__init__(module, *args, **kwargs)
         self.eval_modules = eval_modules
+        self.output_space = output_space
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        # the classification losses are computed on logits, whatever the network's last layer
+        # (a module ending in Softmax, skorch's default, must not be soft-maxed twice)
+        logits = to_logits(y_pred, self.output_space)
+        if isinstance(self.criterion_, nn.NLLLoss):
+            return NeuralNet.get_loss(self, torch.log_softmax(logits, dim=1), y_true, X=X,
+                                      training=training)
+        if isinstance(self.criterion_, nn.CrossEntropyLoss):
+            return NeuralNet.get_loss(self, logits, y_true, X=X, training=training)
+        return NeuralNet.get_loss(self, y_pred, y_true, X=X, training=training)
+
+    def fit_loop(self, X, y=None, **fit_params):
+        try:
+            return super().fit_loop(X, y, **fit_params)
+        except KeyboardInterrupt:
+            # skorch's partial_fit swallows the interrupt and returns a half-trained net as if
+            # it were fitted; remember it and raise it again once skorch has cleaned up
+            self._interrupted = True
+            raise
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        self._interrupted = False
+        super().partial_fit(X, y, classes=classes, **fit_params)
+        if self.__dict__.pop("_interrupted", False):
+            raise KeyboardInterrupt
+        return self
 
     def _set_training(self, training=True):
         super()._set_training(training)
@@ -363,82 +205,160 @@ class _CorrectionNet(NeuralNetClassifier):
                     pass
 
 
+def _valid_split(corrector):
+    """skorch's split for the corrector's ``validation_fraction`` (``None``: train on all)."""
+    if not corrector.validation_fraction:
+        return None
+    seed = check_random_state(corrector.random_state).randint(np.iinfo(np.int32).max)
+    return ValidSplit(float(corrector.validation_fraction), random_state=int(seed))
+
+
+def _user_settings(estimator, prefix):
+    """The ``prefix__*`` settings of a skorch net (e.g. ``optimizer__weight_decay``)."""
+    return {k: v for k, v in estimator.get_params(deep=False).items()
+            if k.startswith(prefix + "__")}
+
+
 def build_net(net_class, module, corrector, max_epochs, extra=None):
-    """A skorch net around ``module`` with the corrector's training settings."""
-    kwargs = dict(corrector.net_params or {})
-    if corrector.optimizer is torch.optim.SGD:
+    """A skorch net around ``module`` with the corrector's training settings.
+
+    The caller's skorch net keeps its optimizer (with its ``optimizer__*``
+    settings), criterion (with ``criterion__*``) and callbacks; the
+    corrector's ``optimizer`` and ``callbacks`` (added after the caller's),
+    ``lr``, ``max_epochs``, ``batch_size``, ``device`` and ``net_params`` win.
+    A plain module trains with SGD (momentum 0.9) and cross-entropy.
+    """
+    user = corrector.estimator if is_skorch_net(corrector.estimator) else None
+    kwargs = {}
+    optimizer, criterion, callbacks = corrector.optimizer, nn.CrossEntropyLoss, []
+    if user is not None:
+        criterion = user.criterion
+        kwargs.update(_user_settings(user, "criterion"))
+        callbacks = copy.deepcopy(list(user.callbacks or []))
+        if optimizer is None:
+            optimizer = user.optimizer
+            kwargs.update(_user_settings(user, "optimizer"))
+    if optimizer is None or (optimizer is torch.optim.SGD and corrector.optimizer is not None):
+        # the RR-ClArC reference recipe: SGD with momentum 0.9
+        optimizer = torch.optim.SGD
         kwargs.setdefault("optimizer__momentum", 0.9)
+    kwargs.update(corrector.net_params or {})
     kwargs.setdefault("iterator_train__shuffle", True)
     if corrector.callbacks is not None:
-        kwargs["callbacks"] = copy.deepcopy(list(corrector.callbacks))
+        callbacks += copy.deepcopy(list(corrector.callbacks))
+    if corrector.max_grad_norm is not None:
+        callbacks.append(("gradient_norm_clipping",
+                          GradientNormClipping(gradient_clip_value=corrector.max_grad_norm)))
+    advice = (f"lower lr (now {corrector.lr})"
+              + (f" or penalty (now {corrector.penalty})" if hasattr(corrector, "penalty") else "")
+              + (", or set max_grad_norm" if corrector.max_grad_norm is None else
+                 f", or max_grad_norm (now {corrector.max_grad_norm})"))
+    callbacks.append(("divergence_guard", DivergenceGuard(advice=advice)))
+    if corrector.random_state is not None:
+        # shuffling from a generator of this fit only: parallel fits (threads) stay reproducible
+        seed = check_random_state(corrector.random_state).randint(np.iinfo(np.int32).max)
+        kwargs.setdefault("iterator_train__generator", torch.Generator().manual_seed(int(seed)))
     kwargs.update(extra or {})
     return net_class(
         module,
-        criterion=nn.CrossEntropyLoss,
-        optimizer=corrector.optimizer,
+        criterion=criterion,
+        optimizer=optimizer,
         lr=corrector.lr,
         max_epochs=max_epochs,
         batch_size=corrector.batch_size,
-        train_split=corrector.train_split,
+        train_split=_valid_split(corrector),
+        callbacks=callbacks,
+        output_space=corrector.output_,
+        # skorch's own predict_proba of estimator_ then gives probabilities too
+        predict_nonlinearity=functools.partial(to_probabilities, output=corrector.output_),
         device=str(resolve_device(corrector.device)),
         verbose=corrector.verbose,
         **kwargs,
     )
 
 
+def _is_callback(cb):
+    return isinstance(cb, Callback) or (isinstance(cb, type) and issubclass(cb, Callback))
+
+
 # ------------------------------------------------------------------ sklearn base
-class _CAVCorrector(NetworkInputMixin, ClassifierMixin, BaseEstimator):
+class _CAVCorrector(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEstimator):
     """Base class: validation, CAV fitting and prediction through the corrected network.
 
-    Subclasses implement ``_fit_network(X, y_idx, concept_labels, ctx)``.
+    Subclasses store their own parameters and pass the shared ones to this
+    ``__init__``; they fit the network from the context that :meth:`_prepare`
+    returns.
     """
 
-    def __sklearn_clone__(self):
-        # ``clone`` would turn a fitted skorch net into an unfitted one (new random weights):
-        # the network to correct is data here, so a clone gets a deep copy with its weights.
-        new = super().__sklearn_clone__()
-        if _is_skorch_net(self.estimator) and getattr(self.estimator, "initialized_", False):
-            new.estimator = copy.deepcopy(self.estimator)
-        return new
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.non_deterministic = self.random_state is None
-        return tags
+    def __init__(self, estimator, layer, cav, train_layers, max_epochs, lr, batch_size,
+                 optimizer, callbacks, validation_fraction, net_params, output, max_grad_norm,
+                 device, random_state, verbose):
+        self.estimator = estimator
+        self.layer = layer
+        self.cav = cav
+        self.train_layers = train_layers
+        self.max_epochs = max_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.callbacks = callbacks
+        self.validation_fraction = validation_fraction
+        self.net_params = net_params
+        self.output = output
+        self.max_grad_norm = max_grad_norm
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
 
     def _check_common(self):
         if not isinstance(self.layer, str):
             raise ValueError(f"layer must be a string naming a sub-module, got {self.layer!r}.")
         check_int("batch_size", self.batch_size)
         check_real("lr", self.lr, low=0, low_open=True)
-        if not (isinstance(self.optimizer, type) and issubclass(self.optimizer, torch.optim.Optimizer)):
+        if self.optimizer is not None and not (
+                isinstance(self.optimizer, type)
+                and issubclass(self.optimizer, torch.optim.Optimizer)):
             raise ValueError(
-                f"optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.SGD), "
-                f"got {self.optimizer!r}.")
+                f"optimizer must be None (the network's own, else SGD) or a "
+                f"torch.optim.Optimizer class (e.g. torch.optim.SGD), got {self.optimizer!r}.")
+        check_choice("output", self.output, OUTPUTS)
+        if self.max_grad_norm is not None:
+            check_real("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
         if self.net_params is not None and not isinstance(self.net_params, dict):
             raise ValueError(f"net_params must be a dict of skorch arguments or None, got "
                              f"{self.net_params!r}.")
-        resolve_device(self.device)
+        if "train_split" in (self.net_params or {}):
+            raise ValueError(
+                "net_params must not set train_split; use validation_fraction (the share of the "
+                "training data held out for validation).")
+        check_real("validation_fraction", self.validation_fraction, low=0, high=1,
+                   high_open=True)
+        check_seed("random_state", self.random_state)
+        if self.callbacks is not None and not (
+                isinstance(self.callbacks, (list, tuple)) and all(
+                    _is_callback(cb) or (isinstance(cb, (tuple, list)) and len(cb) == 2
+                                         and isinstance(cb[0], str) and _is_callback(cb[1]))
+                    for cb in self.callbacks)):
+            raise ValueError(
+                "callbacks must be None or a list of skorch callbacks (instances, classes or "
+                f"(name, callback) pairs), got {self.callbacks!r}.")
+        self._resolve_device()
 
     def _prepare(self, X, y, concept_labels, require_concepts, pooling="max"):
         """Validate inputs, copy the network and fit the CAV. Returns a dict of context."""
-        from .._torch import set_seed
-
         self._check_common()
-        X, shape = _check_input(X)
+        X = self._validate_X(X, reset=True)
         n = n_samples(X)
         if y is None:
             y = dataset_targets(X)
         y = check_y(y, n)
         concept_labels = check_concept_labels(concept_labels, n, required=require_concepts)
-        self.input_shape_ = shape
-        self._set_n_features_in(shape)
-        set_seed(self.random_state)
-        module = copy_network(self.estimator)
-        device = resolve_device(self.device)
-        module.to(device)
+        device = self._resolve_device()
+        _, module = self._copy_network(device)
         find_layer(module, self.layer)
-        before, out_shape, n_outputs = trace_layer(module, self.layer, first_batch(X))
+        xb = next(iter_batches(X, batch_size=min(16, n)))  # a few rows to tell the outputs
+        before, out_shape, n_outputs = trace_layer(module, self.layer, xb)
+        self.output_ = resolve_output(self.output, module, xb)
         self.classes_ = network_classes(self.estimator, n_outputs)
         y_idx = encode_y(y, self.classes_)
         self.cav_, self.cav_estimator_, A, t = resolve_cav(
@@ -448,46 +368,9 @@ class _CAVCorrector(NetworkInputMixin, ClassifierMixin, BaseEstimator):
                 "device": device, "before": before, "A": A, "t": t, "n_outputs": n_outputs}
 
     # ---------------------------------------------------------------- prediction
-    def _check_X_predict(self, X):
-        check_is_fitted(self, "estimator_")
-        X, shape = _check_input(X)
-        if self.input_shape_ is not None and shape is not None and shape != self.input_shape_:
-            if len(shape) == 1 and len(self.input_shape_) == 1:
-                raise ValueError(
-                    f"X has {shape[0]} features, but {type(self).__name__} is expecting "
-                    f"{self.input_shape_[0]} features as input.")
-            raise ValueError(
-                f"X has per-sample shape {shape}, but {type(self).__name__} was fitted on "
-                f"{self.input_shape_}.")
-        return X
-
-    def predict_proba(self, X):
-        """Class probabilities of the corrected network (softmax of its logits).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, C, H, W), tensor or Dataset
-
-        Returns
-        -------
-        proba : ndarray of shape (n_samples, n_classes), float32
-        """
-        X = self._check_X_predict(X)
-        return np.asarray(self.estimator_.predict_proba(training_data(X)), dtype=np.float32)
-
-    def predict(self, X):
-        """Class labels predicted by the corrected network.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, C, H, W), tensor or Dataset
-
-        Returns
-        -------
-        y_pred : ndarray of shape (n_samples,)
-        """
-        check_is_fitted(self, "estimator_")
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+    def _predict_proba(self, X):
+        return predict_proba(self.module_, X, batch_size=max(int(self.batch_size), 256),
+                             output=self.output_)
 
     @property
     def module_(self):

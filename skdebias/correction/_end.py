@@ -13,24 +13,20 @@ skorch slices into batches together with ``y``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from skorch import NeuralNetClassifier
 from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
 from torch import nn
 
-from .._torch import capture_output, find_layer, get_module, last_linear, n_samples
-from .._validation import check_real
+from .._utils._modules import find_layer, get_module, last_linear
+from .._utils._validation import check_group_labels, check_real
+from ..base import BIAS_KEY, INPUT_KEY, DictInputClassifier, HookedLossMixin, LayerCapture
 
 __all__ = ["end_terms", "EnDRegularizer", "EnDClassifier", "IgnoreBiasInput"]
-
-#: Key of the images in a dict input.
-INPUT_KEY = "X"
-#: Key of the bias labels in a dict input.
-BIAS_KEY = "bias"
 
 
 # ------------------------------------------------------------------ the two terms
@@ -44,6 +40,9 @@ def end_terms(features, y, bias):
       ``i<j`` that share a bias label (0 when there are none);
     - ``R_par = 1 - mean_{i<j, y_i=y_j, b_i!=b_j} (1 + G_ij) / 2`` (0 when the
       batch holds no pair of the same class with different bias labels).
+
+    A term without pairs is a zero that is still part of the graph, so a batch
+    without pairs (e.g. a last batch of one sample) back-propagates zero.
 
     Parameters
     ----------
@@ -81,22 +80,38 @@ def end_terms(features, y, bias):
             f"{y.shape[0]} and {bias.shape[0]}.")
     upper = torch.ones_like(G, dtype=torch.bool).triu(diagonal=1)
     same_bias = (bias[:, None] == bias[None, :]) & upper
-    zero = G.new_zeros(())
     n_perp = int(same_bias.sum())
     if n_perp:
-        r_perp = zero
+        r_perp = G.new_zeros(())
         for b in torch.unique(bias[same_bias.any(dim=1)]):
             mask = same_bias & (bias[:, None] == b)
             r_perp = r_perp + G[mask].sum().abs()
         r_perp = r_perp / n_perp
     else:
-        r_perp = zero
+        # +0.0 (the diagonal is >= 0) with a graph: backward() works on a batch without pairs
+        r_perp = G.diagonal().sum() * 0.0
     entangle = (y[:, None] == y[None, :]) & (bias[:, None] != bias[None, :]) & upper
     if bool(entangle.any()):
         r_par = 1.0 - ((1.0 + G[entangle]) / 2.0).mean()
     else:
-        r_par = zero
+        r_par = G.diagonal().sum() * 0.0
     return r_perp, r_par
+
+
+def _weighted_end_terms(features, y, bias, alpha, beta):
+    """``{"end_perp": (alpha, R_perp), "end_par": (beta, R_par)}`` of one batch, the labels
+    moved to the features' device: the one term computation behind the classifier's loss,
+    :meth:`EnDRegularizer.penalty` and the callback's gradient."""
+    device = features.device
+    r_perp, r_par = end_terms(features, torch.as_tensor(y, device=device),
+                              torch.as_tensor(bias, device=device))
+    return {"end_perp": (float(alpha), r_perp), "end_par": (float(beta), r_par)}
+
+
+def _penalty(terms):
+    """``alpha * R_perp + beta * R_par`` from :func:`_weighted_end_terms`."""
+    (alpha, r_perp), (beta, r_par) = terms.values()
+    return alpha * r_perp + beta * r_par
 
 
 def _resolve_bottleneck(module, layer):
@@ -106,21 +121,6 @@ def _resolve_bottleneck(module, layer):
     return find_layer(module, layer), False
 
 
-class _InjectGradient(torch.autograd.Function):
-    """Identity in the forward pass; adds a fixed gradient in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x, grad):
-        ctx.save_for_backward(grad)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad_output + grad, None
-
-
-# ------------------------------------------------------------------ regulariser
 class EnDRegularizer(Callback):
     """The EnD regulariser ``alpha * R_perp + beta * R_par`` at a bottleneck layer.
 
@@ -136,7 +136,9 @@ class EnDRegularizer(Callback):
        part of the loss; the logged ``train_loss`` stays the plain loss, the terms
        are logged per batch as ``end_perp`` / ``end_par``). skorch passes every
        key of a dict input to ``module.forward``, so the module must accept the
-       ``bias`` keyword: wrap it in :class:`IgnoreBiasInput`.
+       ``bias`` keyword: wrap it in :class:`IgnoreBiasInput`. The hook lives for
+       one forward pass of a training batch and is removed when that forward
+       pass ends, also when it (or the loss after it) raises.
     3. Inside :class:`EnDClassifier`, which does all of this for you and adds the
        penalty to the loss.
 
@@ -177,10 +179,9 @@ class EnDRegularizer(Callback):
     # ---------------------------------------------------------------- loss-term use
     def penalty(self, features, y, bias):
         """``alpha * R_perp + beta * R_par`` for one batch (differentiable)."""
-        alpha = check_real("alpha", self.alpha, low=0)
-        beta = check_real("beta", self.beta, low=0)
-        r_perp, r_par = end_terms(features, y, bias)
-        return alpha * r_perp + beta * r_par
+        check_real("alpha", self.alpha, low=0)
+        check_real("beta", self.beta, low=0)
+        return _penalty(_weighted_end_terms(features, y, bias, self.alpha, self.beta))
 
     @contextlib.contextmanager
     def attach(self, module):
@@ -189,20 +190,18 @@ class EnDRegularizer(Callback):
         Yields a list; each forward appends the batch features. The hook is removed on exit.
         """
         layer, capture_input = _resolve_bottleneck(get_module(module), self.layer)
-        with capture_output(layer, detach=False, capture_input=capture_input) as store:
-            yield store
+        with LayerCapture(layer, capture_input) as capture:
+            yield capture.store
 
     # ---------------------------------------------------------------- callback use
     def initialize(self):
-        self._remove_hook()
-        self._batch = None
+        self._close()
         return self
 
-    def _remove_hook(self):
-        handle = getattr(self, "_handle", None)
-        if handle is not None:
-            handle.remove()
-        self._handle = None
+    def _close(self):
+        capture = self.__dict__.pop("_capture", None)
+        if capture is not None:
+            capture.close()
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         check_real("alpha", self.alpha, low=0)
@@ -212,68 +211,63 @@ class EnDRegularizer(Callback):
                 "EnDRegularizer needs bias labels in every batch: fit the net on "
                 f"X={{'{INPUT_KEY}': images, '{BIAS_KEY}': bias_labels}} (a dict or "
                 "skorch.helper.SliceDict), or use EnDClassifier.fit(X, y, bias=...).")
-        self._remove_hook()
-        self._net = net
-        layer, capture_input = _resolve_bottleneck(net.module_, self.layer)
-        self._handle = self._register(layer, capture_input)
+        self._close()
+        # resolved once per fit, so an unknown layer name fails before the first batch
+        self._layer = _resolve_bottleneck(net.module_, self.layer)
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
-        self._remove_hook()
-        self._batch = None
-        self._net = None
+        self._close()
+        self.__dict__.pop("_layer", None)
 
     def on_batch_begin(self, net, batch=None, training=None, **kwargs):
-        self._batch = None
-        if not training or batch is None:
+        self._close()
+        layer = self.__dict__.get("_layer")
+        if not training or batch is None or layer is None:
             return
         Xi, yi = batch[0], batch[1]
         if isinstance(Xi, Mapping) and BIAS_KEY in Xi:
-            self._batch = (yi, Xi[BIAS_KEY])
+            # a callback has no finally around the step: the capture closes itself when
+            # the network's forward pass ends, even when it raises
+            self._capture = LayerCapture(*layer).open(
+                root=net.module_, on_forward_end=functools.partial(
+                    self._inject, net, yi, Xi[BIAS_KEY]))
 
     def on_batch_end(self, net, batch=None, training=None, **kwargs):
-        self._batch = None
+        self._close()
 
-    def _injected(self, feats):
-        """``feats`` carrying the gradient of the penalty of the current batch, or ``None``."""
-        if self._batch is None or not torch.is_grad_enabled() or not isinstance(feats, torch.Tensor):
-            return None
-        y, bias = self._batch
-        self._batch = None  # one injection per training step
+    def _inject(self, net, y, bias, capture):
+        """Make the gradient of the penalty flow into the captured features in backward."""
+        feats = capture.last
+        # a bottleneck a subclass keeps in eval mode while training is left alone, as the
+        # callback has always done
+        if not isinstance(feats, torch.Tensor) or not torch.is_grad_enabled() or \
+                not capture.layer.training:
+            return
         with torch.enable_grad():
             leaf = feats.detach().requires_grad_(True)
-            r_perp, r_par = end_terms(leaf, torch.as_tensor(y, device=leaf.device),
-                                      torch.as_tensor(bias, device=leaf.device))
-            penalty = float(self.alpha) * r_perp + float(self.beta) * r_par
-            (grad,) = torch.autograd.grad(penalty, leaf, allow_unused=True)
-        if self._net is not None:
-            self._net.history.record_batch("end_perp", float(r_perp.detach()))
-            self._net.history.record_batch("end_par", float(r_par.detach()))
+            terms = _weighted_end_terms(leaf, y, bias, self.alpha, self.beta)
+            (grad,) = torch.autograd.grad(_penalty(terms), leaf, allow_unused=True)
+        for name, (_, term) in terms.items():
+            net.history.record_batch(name, float(term.detach()))
         if grad is None or not feats.requires_grad:
-            return None
-        return _InjectGradient.apply(feats, grad)
+            return
+        # the gradient reaching the features becomes dLoss/dfeats + dPenalty/dfeats, exactly
+        # as if the penalty were part of the loss (a callback cannot change the loss)
+        feats.register_hook(functools.partial(_add_gradient, grad))
 
-    def _register(self, layer, capture_input):
-        if capture_input:
-            def pre_hook(module, inputs):
-                if not module.training or not inputs:
-                    return None
-                new = self._injected(inputs[0])
-                return None if new is None else (new, *inputs[1:])
-
-            return layer.register_forward_pre_hook(pre_hook)
-
-        def hook(module, inputs, output):
-            if not module.training:
-                return None
-            return self._injected(output)
-
-        return layer.register_forward_hook(hook)
+    def _get_param_names(self):
+        # skorch lists every public attribute; the state of a running fit is no parameter
+        return [k for k in super()._get_param_names() if not k.startswith("_")]
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_handle", "_net", "_batch"):
-            state[key] = None
+        for key in ("_capture", "_layer"):
+            state.pop(key, None)
         return state
+
+
+def _add_gradient(extra, grad):
+    return grad + extra
 
 
 class IgnoreBiasInput(nn.Module):
@@ -304,69 +298,8 @@ class IgnoreBiasInput(nn.Module):
         return self.module(X, **kwargs)
 
 
-# ------------------------------------------------------------------ skorch classifiers
-def _bias_labels(bias, n, name="bias"):
-    bias = np.asarray(bias.detach().cpu() if isinstance(bias, torch.Tensor) else bias)
-    if bias.ndim != 1 or len(bias) != n:
-        raise ValueError(
-            f"{name} must be a 1-d array with one label per sample ({n}), got shape {bias.shape}.")
-    if not np.issubdtype(bias.dtype, np.integer):
-        if np.issubdtype(bias.dtype, np.floating) and np.all(np.isfinite(bias)) and \
-                np.all(bias == np.round(bias)):
-            bias = bias.astype(np.int64)
-        else:
-            raise ValueError(
-                f"{name} must hold integer group labels (e.g. colour index), got dtype "
-                f"{bias.dtype}.")
-    return bias.astype(np.int64)
-
-
-class _DictInputClassifier(NeuralNetClassifier):
-    """A NeuralNetClassifier whose dict input may carry extra per-sample keys.
-
-    ``infer`` strips the keys in ``_extra_keys`` before calling the module, and
-    passes the bare images when only ``"X"`` is left, so any module works.
-    """
-
-    _extra_keys = (BIAS_KEY,)
-
-    def infer(self, x, **fit_params):
-        if isinstance(x, Mapping):
-            x = {k: v for k, v in x.items() if k not in self._extra_keys}
-            if set(x) == {INPUT_KEY}:
-                x = x[INPUT_KEY]
-        return super().infer(x, **fit_params)
-
-    def _pack(self, X, name, values, dtype_check):
-        """``X`` as a dict input carrying ``values`` under ``name``."""
-        if isinstance(X, Mapping):
-            if name in X:
-                if values is not None:
-                    raise ValueError(
-                        f"{name} was given both as a key of the dict X and as the {name}= "
-                        "argument of fit; pass it once.")
-                X = dict(X)
-                X[name] = dtype_check(X[name], n_samples(next(iter(X.values()))), name)
-                return X
-            if values is None:
-                return None
-            if INPUT_KEY not in X:
-                raise ValueError(f"A dict X must hold the images under the key {INPUT_KEY!r}.")
-            n = n_samples(X[INPUT_KEY])
-            X = dict(X)
-            X[name] = dtype_check(values, n, name)
-            return X
-        if values is None:
-            return None
-        if isinstance(X, torch.utils.data.Dataset) and not isinstance(X, torch.Tensor):
-            raise TypeError(
-                f"With {name}= labels, X must be an array or tensor (n, C, H, W), not a "
-                "Dataset; or pass a Dataset whose items already carry them.")
-        n = n_samples(X)
-        return {INPUT_KEY: X, name: dtype_check(values, n, name)}
-
-
-class EnDClassifier(_DictInputClassifier):
+# ------------------------------------------------------------------ skorch classifier
+class EnDClassifier(HookedLossMixin, DictInputClassifier):
     """A skorch classifier trained with cross-entropy plus the EnD regulariser.
 
     The loss of every training (and validation) batch is
@@ -374,7 +307,8 @@ class EnDClassifier(_DictInputClassifier):
     features of the bottleneck ``layer``. Bias labels are passed to
     ``fit(X, y, bias=...)`` (also through sklearn metadata routing after
     ``set_fit_request(bias=True)``), or inside a dict input
-    ``{"X": images, "bias": labels}``. Prediction takes plain images.
+    ``{"X": images, "bias": labels}``. Prediction takes plain images. A module
+    instance is copied at every ``fit``: the caller's module keeps its weights.
 
     Parameters
     ----------
@@ -418,6 +352,11 @@ class EnDClassifier(_DictInputClassifier):
     (32,)
     """
 
+    hooked_term_names = ("end_perp", "end_par")
+    # the batch-history keys EnD has always had: end_perp / end_par, training batches only
+    hooked_history = ("", None)
+    hooked_epoch_scores = False
+
     def __init__(self, module, *args, layer=None, alpha=1.0, beta=1.0,
                  criterion=nn.CrossEntropyLoss, train_split=ValidSplit(5, stratified=True),
                  **kwargs):
@@ -426,15 +365,13 @@ class EnDClassifier(_DictInputClassifier):
         self.alpha = alpha
         self.beta = beta
 
-    def _regularizer(self):
-        return EnDRegularizer(layer=self.layer, alpha=self.alpha, beta=self.beta)
-
     def fit(self, X, y, bias=None, **fit_params):
         """Train on ``X`` with class labels ``y`` and bias labels ``bias``.
 
         Parameters
         ----------
         X : array-like or tensor (n, C, H, W), or dict ``{"X": images, "bias": labels}``
+            Converted to float32; NaN or infinity raise a ``ValueError``.
         y : array-like of shape (n,)
         bias : array-like of shape (n,), optional
             Integer bias labels (e.g. colour index); required unless ``X`` is a
@@ -445,61 +382,28 @@ class EnDClassifier(_DictInputClassifier):
         -------
         self : EnDClassifier
         """
-        check_real("alpha", self.alpha, low=0)
-        check_real("beta", self.beta, low=0)
-        packed = self._pack(X, BIAS_KEY, bias, _bias_labels)
-        if packed is None:
-            raise ValueError(
-                "EnDClassifier.fit needs bias labels: call fit(X, y, bias=bias_labels) "
-                f"(with metadata routing: set_fit_request(bias=True)) or pass "
-                f"X={{'{INPUT_KEY}': images, '{BIAS_KEY}': bias_labels}}.")
-        return super().fit(packed, y, **fit_params)
+        return super().fit(self._with_bias(X, bias, "fit"), y, **fit_params)
 
     def partial_fit(self, X, y=None, classes=None, bias=None, **fit_params):
         """Continue training; bias labels as in :meth:`fit`."""
+        return super().partial_fit(self._with_bias(X, bias, "partial_fit"), y, classes=classes,
+                                   **fit_params)
+
+    def _with_bias(self, X, bias, method):
+        check_real("alpha", self.alpha, low=0)
+        check_real("beta", self.beta, low=0)
+        packed = self._pack(X, BIAS_KEY, bias, check_group_labels)
+        if packed is None:
+            raise ValueError(
+                f"EnDClassifier.{method} needs bias labels: call {method}(X, y, "
+                "bias=bias_labels) (with metadata routing: set_fit_request(bias=True)) or "
+                f"pass X={{'{INPUT_KEY}': images, '{BIAS_KEY}': bias_labels}}.")
+        return packed
+
+    def hooked_layer(self):
+        return _resolve_bottleneck(self.module_, self.layer)
+
+    def hooked_terms(self, activations, y_pred, y_true, X, training):
         if not (isinstance(X, Mapping) and BIAS_KEY in X):
-            packed = self._pack(X, BIAS_KEY, bias, _bias_labels)
-            if packed is None:
-                raise ValueError(
-                    "EnDClassifier.partial_fit needs bias labels: pass bias=... or a dict X "
-                    f"with the key {BIAS_KEY!r}.")
-            X = packed
-        return super().partial_fit(X, y, classes=classes, **fit_params)
-
-    @contextlib.contextmanager
-    def _capture(self):
-        with self._regularizer().attach(self.module_) as store:
-            self._end_store = store
-            try:
-                yield
-            finally:
-                self._end_store = None
-
-    def train_step_single(self, batch, **fit_params):
-        with self._capture():
-            return super().train_step_single(batch, **fit_params)
-
-    def validation_step(self, batch, **fit_params):
-        with self._capture():
-            return super().validation_step(batch, **fit_params)
-
-    def get_loss(self, y_pred, y_true, X=None, training=False):
-        loss = super().get_loss(y_pred, y_true, X=X, training=training)
-        store = getattr(self, "_end_store", None)
-        if not store or not (isinstance(X, Mapping) and BIAS_KEY in X):
-            return loss
-        bias = torch.as_tensor(X[BIAS_KEY], device=store[-1].device)
-        y_t = torch.as_tensor(y_true, device=store[-1].device)
-        r_perp, r_par = end_terms(store[-1], y_t, bias)
-        if training:
-            self.history.record_batch("end_perp", float(r_perp.detach()))
-            self.history.record_batch("end_par", float(r_par.detach()))
-        return loss + float(self.alpha) * r_perp + float(self.beta) * r_par
-
-    def _get_param_names(self):
-        return [k for k in super()._get_param_names() if k != "_end_store"]
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_end_store", None)
-        return state
+            return None
+        return _weighted_end_terms(activations, y_true, X[BIAS_KEY], self.alpha, self.beta)

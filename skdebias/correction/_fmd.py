@@ -16,24 +16,17 @@ import time
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import ClassifierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
-from torch import nn
+from skorch.history import History
 
-from .._torch import (
-    copy_estimator,
-    find_layer,
-    last_linear,
-    layer_inputs,
-    limit_threads,
-    n_samples,
-    predict_proba,
-    resolve_device,
-)
-from .._tags import NetworkInputMixin
-from .._validation import check_int, check_real
-from ..extraction import _check_input
+from .._utils._data import check_input, n_samples
+from .._utils._hooks import layer_inputs
+from .._utils._modules import resolve_linear
+from .._utils._runtime import limit_threads
+from .._utils._validation import check_int, check_real, check_seed
+from ..base import BaseNetworkEstimator, NetworkClassifierMixin, atomic_fit
 
 __all__ = ["FastModelDebiaser", "softmax_cross_entropy_hessian"]
 
@@ -211,7 +204,7 @@ def _solve(H, L, g):
 
 
 # ------------------------------------------------------------------ validation helpers
-class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
+class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEstimator):
     """Fast Model Debiasing (FMD): remove a bias by unlearning on the last linear layer.
 
     Given counterfactual pairs ``(X[i], X_cf[i])`` that differ only in the bias
@@ -255,9 +248,10 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         How often a rejected step is halved before giving up. After an accepted
         step the next one starts from twice the accepted length (at most
         ``step_size``).
-    max_accuracy_drop : float in [0, 1], default=0.02
-        Largest tolerated drop of accuracy on the factual images of the held-out
-        pairs, relative to the original network.
+    max_accuracy_drop : float in [0, 1] or None, default=0.02
+        Accuracy guard: a step whose in-distribution accuracy (on the factual
+        images of the held-out pairs) is more than this below the original
+        network's (0.02 = 2 points) is rejected. ``None``: no guard.
     refresh_hessian : bool, default=True
         Rebuild the Hessian at the current parameters before every step (exact
         Newton steps). ``False`` keeps the Hessian of the original layer (one
@@ -274,8 +268,8 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
     device : str or torch.device, default="auto"
     random_state : int, RandomState instance or None, default=None
         Seeds the subset of pairs and the held-out split.
-    progress : bool, default=False
-        Show a progress bar over the feature-extraction batches.
+    verbose : int, default=0
+        0: silent; 1 or more: progress bars over the long steps (tqdm).
 
     Attributes
     ----------
@@ -295,8 +289,8 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         Number of accepted unlearning steps.
     n_iter_ : int
         Number of unlearning iterations run (accepted or not).
-    history_ : list of dict
-        One entry per tried step: ``step``, ``step_size``, ``n_selected``,
+    history_ : skorch.history.History
+        A list with one dict per tried step: ``step``, ``step_size``, ``n_selected``,
         ``bias_fit``, ``bias_val``, ``accuracy_val``, ``accepted``.
     fit_time_ : float
         Wall time of :meth:`fit` in seconds.
@@ -325,7 +319,7 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
     def __init__(self, estimator, layer=None, damping=1.0, step_size=1.0, max_iter=10,
                  max_halvings=8, max_accuracy_drop=0.02, refresh_hessian=True, n_pairs=500,
                  validation_fraction=0.2, counterfactual=None, batch_size=256, device="auto",
-                 random_state=None, progress=False):
+                 random_state=None, verbose=0):
         self.estimator = estimator
         self.layer = layer
         self.damping = damping
@@ -340,7 +334,7 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.device = device
         self.random_state = random_state
-        self.progress = progress
+        self.verbose = verbose
 
     # ---------------------------------------------------------------- validation
     def _check_params(self):
@@ -348,13 +342,12 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         check_real("step_size", self.step_size, low=0.0, low_open=True)
         check_int("max_iter", self.max_iter)
         check_int("max_halvings", self.max_halvings, low=0)
-        check_real("max_accuracy_drop", self.max_accuracy_drop, low=0.0)
-        if self.max_accuracy_drop > 1:
-            raise ValueError(
-                f"max_accuracy_drop must be in [0, 1], got {self.max_accuracy_drop!r}.")
+        if self.max_accuracy_drop is not None:
+            check_real("max_accuracy_drop", self.max_accuracy_drop, low=0, high=1)
         check_int("n_pairs", self.n_pairs, low=2)
         check_real("validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True)
         check_int("batch_size", self.batch_size)
+        check_seed("random_state", self.random_state)
         if self.counterfactual is not None and not callable(self.counterfactual):
             raise ValueError(
                 f"counterfactual must be a callable X -> X_cf or None, got {self.counterfactual!r}.")
@@ -388,14 +381,11 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         hint = ("FastModelDebiaser needs the last linear layer to produce the logits."
                 if check_output else None)
         return layer_inputs(self.module_, self.layer_, X, self.batch_size, self.device_,
-                            indices=indices, check_output=hint, progress=self.progress,
+                            indices=indices, check_output=hint, verbose=self.verbose,
                             desc=desc).double()
 
-    def _check_X(self, X, name="X"):
-        X, shape = _check_input(X, name=name)
-        return X, shape
-
     # ---------------------------------------------------------------- fit
+    @atomic_fit
     def fit(self, X, y, X_cf=None, y_cf=None):
         """Unlearn the bias shown by the counterfactual pairs ``(X, X_cf)``.
 
@@ -418,14 +408,15 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         """
         start = time.perf_counter()
         self._check_params()
-        X, shape = self._check_X(X)
+        X = self._validate_X(X, reset=True)
+        shape = self.input_shape_
         if X_cf is None:
             if self.counterfactual is None:
                 raise ValueError(
                     "FastModelDebiaser needs counterfactual pairs: pass fit(X, y, X_cf=...) "
                     "(X_cf[i] = X[i] with another bias attribute) or set counterfactual=callable.")
             X_cf = self.counterfactual(X)
-        X_cf, shape_cf = self._check_X(X_cf, name="X_cf")
+        X_cf, shape_cf = check_input(X_cf, name="X_cf")
         n = n_samples(X)
         if n_samples(X_cf) != n or shape_cf != shape:
             raise ValueError(
@@ -435,16 +426,10 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
         if n < 2:
             raise ValueError(
                 f"FastModelDebiaser needs at least 2 counterfactual pairs, got n_samples={n}.")
-        self._set_n_features_in(shape)
 
-        self.device_ = resolve_device(self.device)
-        self.estimator_, self.module_ = copy_estimator(self.estimator, self.device_)
-        self.layer_ = last_linear(self.module_, "layer") if self.layer is None else self.layer
-        lin = find_layer(self.module_, self.layer_)
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(
-                f"layer={self.layer_!r} is a {type(lin).__name__}; FastModelDebiaser updates a "
-                "torch.nn.Linear layer (layer=None picks the last one).")
+        self.device_ = self._resolve_device()
+        self.estimator_, self.module_ = self._copy_network(self.device_)
+        self.layer_, lin = resolve_linear(self.module_, self.layer, type(self).__name__)
         K, d = lin.out_features, lin.in_features
         has_bias = lin.bias is not None
         size = K * (d + int(has_bias))
@@ -506,7 +491,7 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
 
         bias_val, acc_val = _evaluate(theta, Fv, Fv_cf, yv)
         self.bias_before_, self.accuracy_before_ = bias_val, acc_val
-        self.history_ = []
+        self.history_ = History()
         self.n_steps_ = 0
         self._influence_direction = None
         H = L = None
@@ -546,7 +531,8 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
                 candidate = theta + eta * delta
                 b_new, a_new = _evaluate(candidate, Fv, Fv_cf, yv)
                 ok = (b_new < bias_val - 1e-9
-                      and a_new >= self.accuracy_before_ - self.max_accuracy_drop - 1e-12)
+                      and (self.max_accuracy_drop is None
+                           or a_new >= self.accuracy_before_ - self.max_accuracy_drop - 1e-12))
                 self.history_.append({
                     "step": step, "step_size": eta, "n_selected": n_sel, "bias_fit": bias_fit,
                     "bias_val": b_new, "accuracy_val": a_new, "accepted": ok})
@@ -584,8 +570,7 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
             Rank with ``np.argsort(-scores)``.
         """
         check_is_fitted(self, "history_")
-        X_train, shape = self._check_X(X_train, name="X_train")
-        self._check_n_features(shape)
+        X_train = self._validate_X(X_train, reset=False, name="X_train")
         n = n_samples(X_train)
         y_train = self._labels(y_train, n, len(self.classes_), name="y_train")
         # the features are those of the original network: only the last layer changed
@@ -594,24 +579,3 @@ class FastModelDebiaser(NetworkInputMixin, ClassifierMixin, BaseEstimator):
             F = _augment(F)
         G = _loss_gradients(self._theta0, F, torch.as_tensor(y_train))
         return (-(G @ self._influence_direction)).numpy()
-
-    # ---------------------------------------------------------------- prediction
-    def _check_n_features(self, shape):
-        expected = getattr(self, "n_features_in_", None)
-        if expected is not None and shape is not None and (len(shape) != 1 or shape[0] != expected):
-            got = shape[0] if len(shape) == 1 else shape
-            raise ValueError(
-                f"X has {got} features, but FastModelDebiaser is expecting {expected} features "
-                "as input.")
-
-    def predict_proba(self, X):
-        """Class probabilities of the debiased network, (n, K) float32."""
-        check_is_fitted(self, "estimator_")
-        X, shape = self._check_X(X)
-        self._check_n_features(shape)
-        return predict_proba(self.module_, X, batch_size=self.batch_size)
-
-    def predict(self, X):
-        """Predicted classes (indices of the network's outputs)."""
-        check_is_fitted(self, "estimator_")
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]

@@ -14,7 +14,9 @@ import torch
 from skorch.dataset import ValidSplit
 from torch import nn
 
-from ._end import BIAS_KEY, INPUT_KEY, _bias_labels, _DictInputClassifier
+from .._utils._data import n_samples
+from .._utils._validation import check_group_labels
+from ..base import BIAS_KEY, INPUT_KEY, DictInputClassifier
 
 __all__ = ["group_balanced_weights", "GroupBalancedClassifier"]
 
@@ -65,17 +67,22 @@ def _weights(values, n, name):
     if w.ndim != 1 or len(w) != n:
         raise ValueError(f"{name} must be a 1-d array with one weight per sample ({n}), "
                          f"got shape {w.shape}.")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or not np.any(w > 0):
-        raise ValueError(f"{name} must be finite, >= 0 and not all zero.")
+    bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
+    if len(bad):
+        raise ValueError(f"{name} must be finite, >= 0 and not all zero; sample {bad[0]} is "
+                         f"{w[bad[0]].item()}.")
+    if not np.any(w > 0):
+        raise ValueError(f"{name} must be finite, >= 0 and not all zero; all are 0.")
     return w
 
 
-class GroupBalancedClassifier(_DictInputClassifier):
+class GroupBalancedClassifier(DictInputClassifier):
     """A skorch classifier trained with group-balanced (or given) sample weights.
 
     ``fit(X, y, bias=...)`` weights every sample by :func:`group_balanced_weights`
     of its (class, bias) group; ``fit(X, y, sample_weight=...)`` uses the given
-    weights. The loss of a batch is ``sum_i w_i CE_i / sum_i w_i``.
+    weights. The loss of a batch is ``sum_i w_i CE_i / sum_i w_i``. A module
+    instance is copied at every ``fit``: the caller's module keeps its weights.
 
     Parameters
     ----------
@@ -95,18 +102,20 @@ class GroupBalancedClassifier(_DictInputClassifier):
 
     Examples
     --------
+    Two classes, three bias groups (e.g. colours), one epoch:
+
     >>> import numpy as np
     >>> from skdebias.correction import GroupBalancedClassifier
     >>> from skdebias.models import SmallCNN
     >>> X = np.random.rand(16, 3, 28, 28).astype("float32")
-    >>> y, bias = np.arange(16) % 2, np.arange(16) % 3
+    >>> y, bias = np.arange(16) % 2, np.arange(16) % 3  # class, colour
     >>> clf = GroupBalancedClassifier(SmallCNN, module__n_classes=2, max_epochs=1,
     ...                               train_split=None, verbose=0)
     >>> clf.fit(X, y, bias=bias).predict(X).shape
     (16,)
     """
 
-    _extra_keys = (BIAS_KEY, WEIGHT_KEY)
+    extra_keys = (BIAS_KEY, WEIGHT_KEY)
 
     def __init__(self, module, *args, criterion=nn.CrossEntropyLoss,
                  train_split=ValidSplit(5, stratified=True), **kwargs):
@@ -119,6 +128,7 @@ class GroupBalancedClassifier(_DictInputClassifier):
         Parameters
         ----------
         X : array-like or tensor (n, C, H, W), or dict with key ``"X"``
+            Converted to float32; NaN or infinity raise a ``ValueError``.
         y : array-like of shape (n,)
         bias : array-like of shape (n,), optional
             Bias labels; the weights become :func:`group_balanced_weights` ``(y, bias)``.
@@ -136,12 +146,17 @@ class GroupBalancedClassifier(_DictInputClassifier):
             raise ValueError("Pass either bias= (group-balanced weights) or sample_weight=, "
                              "not both.")
         if bias is not None:
+            X = self._check_images(X)  # X is reported before the labels computed from it
             images = X[INPUT_KEY] if isinstance(X, Mapping) else X
-            n = len(images)
-            bias = _bias_labels(bias, n)
+            n = n_samples(images)
+            bias = check_group_labels(bias, n)
+            if y is None:
+                raise ValueError("GroupBalancedClassifier.fit with bias= needs the class labels "
+                                 "y (one per sample), but y is None.")
             y_arr = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
-            if len(y_arr) != n:
-                raise ValueError(f"y has {len(y_arr)} labels but X has {n} samples.")
+            if y_arr.ndim != 1 or len(y_arr) != n:
+                raise ValueError(f"y must be 1-d with one label per sample of X ({n}), got shape "
+                                 f"{y_arr.shape}.")
             sample_weight = group_balanced_weights(y_arr, bias)
         packed = self._pack(X, WEIGHT_KEY, sample_weight, _weights)
         if packed is None:

@@ -8,27 +8,16 @@ the prediction insensitive to the concept ("right for the right reasons").
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
-from skorch.callbacks import PassthroughScoring
-from skorch.dataset import unpack_data
 
-from .._torch import capture_output, find_layer, set_seed
-from ._base import (
-    _CAVCorrector,
-    _CorrectionNet,
-    build_net,
-    encode_y,
-    check_y,
-    resolve_train_layers,
-    training_data,
-)
-from .._validation import check_choice, check_int, check_real
-from ..extraction import _check_input
+from .._utils._data import dataset_targets, n_samples, training_data
+from .._utils._modules import find_layer, to_logits
+from .._utils._validation import check_choice, check_int, check_real, check_y, encode_y
+from ..base import HookedLossMixin, atomic_fit
+from ._base import _CAVCorrector, _CorrectionNet, build_net, resolve_train_layers
 
 __all__ = ["GradientPenaltyCorrector", "gradient_penalty", "GRADIENT_TARGETS", "AGGREGATIONS"]
 
@@ -140,13 +129,20 @@ def gradient_penalty(activations, outputs, cav, y=None, gradient_target="all_ran
     return proj.abs().mean()
 
 
-class _RRNet(_CorrectionNet):
+class _RRNet(HookedLossMixin, _CorrectionNet):
     """skorch classifier whose loss is ``CE + rr_penalty * L_RR`` at ``rr_layer``.
 
     The activations are captured by a forward hook during the same forward
     pass (no second forward); validation batches compute the penalty too
     (gradients enabled), logged as ``valid_rr`` (training: ``train_rr``).
     """
+
+    hooked_term_names = ("rr",)
+    # L_RR differentiates the logits w.r.t. the activations: they need a graph even when every
+    # layer before them is frozen, and validation needs gradients (reference: Lightning)
+    hooked_requires_grad = True
+    hooked_grad_in_validation = True
+    _rr_state = ("_rr_generators", "_rr_seed_value", "_rr_cav_cache", "_rr_layer_cache")
 
     def __init__(self, module, *args, rr_layer=None, rr_cav=None, rr_penalty=1.0,
                  rr_gradient_target="all_random", rr_aggregation="l2_mean", rr_seed=None,
@@ -158,14 +154,6 @@ class _RRNet(_CorrectionNet):
         self.rr_gradient_target = rr_gradient_target
         self.rr_aggregation = rr_aggregation
         self.rr_seed = rr_seed
-
-    def get_default_callbacks(self):
-        callbacks = list(super().get_default_callbacks())
-        extra = [("train_rr", PassthroughScoring(name="train_rr", on_train=True)),
-                 ("valid_rr", PassthroughScoring(name="valid_rr"))]
-        names = [name for name, _ in callbacks]
-        pos = names.index("print_log") if "print_log" in names else len(callbacks)
-        return callbacks[:pos] + extra + callbacks[pos:]
 
     def _generator(self, device):
         """The source of the random signs of ``"all_random"``, one per device, created on it
@@ -203,56 +191,27 @@ class _RRNet(_CorrectionNet):
         self._rr_layer_cache = (self.module_, self.rr_layer, layer)
         return layer
 
-    @contextlib.contextmanager
-    def _capture(self):
-        with capture_output(self._layer_module(), detach=False, requires_grad=True) as store:
-            self._rr_store = store
-            try:
-                yield
-            finally:
-                self._rr_store = None
+    def hooked_layer(self):
+        return self._layer_module(), False
 
-    def train_step_single(self, batch, **fit_params):
-        with self._capture():
-            return super().train_step_single(batch, **fit_params)
-
-    def validation_step(self, batch, **fit_params):
-        self._set_training(False)
-        Xi, yi = unpack_data(batch)
-        with self._capture(), torch.enable_grad():
-            y_pred = self.infer(Xi, **fit_params)
-            loss = self.get_loss(y_pred, yi, X=Xi, training=False)
-        return {"loss": loss.detach(), "y_pred": y_pred.detach()}
-
-    def get_loss(self, y_pred, y_true, X=None, training=False):
-        loss = super().get_loss(y_pred, y_true, X=X, training=training)
-        store = getattr(self, "_rr_store", None)
-        if not store:
-            return loss
+    def hooked_terms(self, activations, y_pred, y_true, X, training):
         weight = float(self.rr_penalty)
-        a = store[-1]
+        y_pred = to_logits(y_pred, self.output_space)  # the penalty differentiates logits
         y_idx = None if y_true is None else torch.as_tensor(y_true).to(y_pred.device)
-        rr = gradient_penalty(a, y_pred, self._cav_tensor(a.device, a.dtype), y=y_idx,
+        rr = gradient_penalty(activations, y_pred,
+                              self._cav_tensor(activations.device, activations.dtype), y=y_idx,
                               gradient_target=self.rr_gradient_target,
                               aggregation=self.rr_aggregation,
                               create_graph=training and weight > 0,
                               generator=self._generator(y_pred.device))
-        # logged in on_batch_end, after skorch has synchronised for the loss anyway: no
-        # extra device synchronisation between the forward and the backward pass
-        self._rr_pending = ("train_rr" if training else "valid_rr", rr.detach())
-        if weight == 0:
-            return loss
-        return loss + weight * (rr if training else rr.detach())
+        return {"rr": (weight, rr)}
 
-    def on_batch_end(self, net, **kwargs):
-        super().on_batch_end(net, **kwargs)
-        pending = self.__dict__.pop("_rr_pending", None)
-        if pending is not None:
-            self.history.record_batch(pending[0], float(pending[1]))
+    def _get_param_names(self):
+        return [k for k in super()._get_param_names() if k not in self._rr_state]
 
     def __getstate__(self):
         state = super().__getstate__()
-        for key in ("_rr_store", "_rr_pending", "_rr_cav_cache", "_rr_layer_cache"):
+        for key in ("_rr_cav_cache", "_rr_layer_cache"):
             state.pop(key, None)
         # keep the CPU generator (the random signs go on where they stopped); device
         # generators are recreated from the seed where the copy is used
@@ -296,13 +255,18 @@ class GradientPenaltyCorrector(_CAVCorrector):
         Learning rate (reference recipe: SGD, momentum 0.9, lr 1e-4; small
         networks may need a larger one for an effect within few epochs).
     batch_size : int, default=64
-    optimizer : torch.optim.Optimizer class, default=torch.optim.SGD
-        With SGD the momentum is 0.9 unless ``net_params`` sets ``optimizer__momentum``.
+    optimizer : torch.optim.Optimizer class or None, default=None
+        ``None``: a skorch ``estimator``'s own optimizer with its settings, else
+        SGD. A given SGD, or the SGD used for a plain module, has momentum 0.9
+        unless ``net_params`` sets ``optimizer__momentum`` (the reference recipe).
     callbacks : list of skorch callbacks or None, default=None
-        Copied into the training net at every fit.
-    train_split : skorch split or None, default=None
-        ``None`` trains on all of ``X``; e.g. ``skorch.dataset.ValidSplit(5)``
-        holds out a validation split (the penalty is logged there as ``valid_rr``).
+        Copied into the training net at every fit, after the callbacks of a
+        skorch ``estimator`` (which are kept, as are its criterion and its
+        criterion settings).
+    validation_fraction : float in [0, 1), default=0.0
+        Share of ``X`` held out (at random, seeded by ``random_state``) as a
+        validation split; the penalty is logged there as ``valid_rr``. ``0``
+        trains on all of ``X``.
     warm_start : bool, default=False
         If True, a second ``fit`` continues training the corrected network
         instead of starting again from ``estimator``. It keeps the CAV, layer,
@@ -311,7 +275,20 @@ class GradientPenaltyCorrector(_CAVCorrector):
         their current values.
     net_params : dict or None, default=None
         Further arguments of the skorch ``NeuralNetClassifier`` (e.g.
-        ``{"optimizer__weight_decay": 1e-4, "iterator_train__num_workers": 2}``).
+        ``{"optimizer__weight_decay": 1e-4, "iterator_train__num_workers": 2}``);
+        they win over the settings taken from a skorch ``estimator``.
+    output : {"auto", "logits", "probabilities", "log_probabilities"}, default="auto"
+        What the network outputs. ``"auto"`` detects it on the first rows
+        (rows of non-negative values summing to 1 are probabilities, e.g. a
+        module ending in ``Softmax`` as skorch's defaults build it). The loss,
+        the penalty (on logits, ``log p`` for probabilities) and
+        ``predict_proba`` work in the right space either way.
+    max_grad_norm : float or None, default=100.0
+        Gradient-norm clipping at every step (the reference recipe clips at
+        100); ``None`` turns it off. A run whose loss or weights go non-finite,
+        or whose predictions collapse to one class, stops with a
+        :class:`~skdebias.exceptions.DivergenceError` naming ``lr``,
+        ``penalty`` and ``max_grad_norm``.
     device : str, default="auto"
     random_state : int, RandomState or None, default=None
         Seeds torch before training (shuffling) and the random signs.
@@ -361,27 +338,16 @@ class GradientPenaltyCorrector(_CAVCorrector):
 
     def __init__(self, estimator, layer, cav=None, penalty=1.0, gradient_target="all_random",
                  aggregation="l2_mean", train_layers="after", max_epochs=5, lr=1e-4,
-                 batch_size=64, optimizer=torch.optim.SGD, callbacks=None, train_split=None,
-                 warm_start=False, net_params=None, device="auto", random_state=None,
-                 verbose=0):
-        self.estimator = estimator
-        self.layer = layer
-        self.cav = cav
+                 batch_size=64, optimizer=None, callbacks=None, validation_fraction=0.0,
+                 warm_start=False, net_params=None, output="auto", max_grad_norm=100.0,
+                 device="auto", random_state=None, verbose=0):
+        super().__init__(estimator, layer, cav, train_layers, max_epochs, lr, batch_size,
+                         optimizer, callbacks, validation_fraction, net_params, output,
+                         max_grad_norm, device, random_state, verbose)
         self.penalty = penalty
         self.gradient_target = gradient_target
         self.aggregation = aggregation
-        self.train_layers = train_layers
-        self.max_epochs = max_epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.optimizer = optimizer
-        self.callbacks = callbacks
-        self.train_split = train_split
         self.warm_start = warm_start
-        self.net_params = net_params
-        self.device = device
-        self.random_state = random_state
-        self.verbose = verbose
 
     def _check_params(self):
         check_real("penalty", self.penalty, low=0)
@@ -389,6 +355,7 @@ class GradientPenaltyCorrector(_CAVCorrector):
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_int("max_epochs", self.max_epochs, low=0)
 
+    @atomic_fit
     def fit(self, X, y, concept_labels=None):
         """Fit the CAV and fine-tune a copy of the network with ``CE + penalty * L_RR``.
 
@@ -425,7 +392,6 @@ class GradientPenaltyCorrector(_CAVCorrector):
             eval_modules=eval_modules, rr_layer=self.layer, rr_cav=self.cav_,
             rr_penalty=float(self.penalty), rr_gradient_target=self.gradient_target,
             rr_aggregation=self.aggregation, rr_seed=seed))
-        set_seed(self.random_state)
         if self.max_epochs > 0:
             net.fit(training_data(ctx["X"], ctx["y_idx"]), ctx["y_idx"])
         else:
@@ -437,10 +403,7 @@ class GradientPenaltyCorrector(_CAVCorrector):
 
     def _continue(self, X, y):
         check_is_fitted(self, "estimator_")
-        X, _ = _check_input(X)
-        X = self._check_X_predict(X)
-        from .._torch import dataset_targets, n_samples
-
+        X = self._validate_X(X, reset=False)
         if y is None:  # a Dataset of (x, y) items, as in the first fit
             y = dataset_targets(X)
         y_idx = encode_y(check_y(y, n_samples(X)), self.classes_)

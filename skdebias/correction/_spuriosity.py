@@ -14,29 +14,27 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
-from torch import nn
+from skorch.history import History
 
-from .._torch import (
-    copy_estimator,
-    last_linear,
-    layer_inputs,
-    find_layer,
-    limit_threads,
-    n_samples,
-    predict_proba,
-    progress_bar,
-    resolve_device,
-    set_seed,
+from .._utils._data import n_samples
+from .._utils._hooks import layer_inputs
+from .._utils._modules import network_classes, resolve_linear
+from .._utils._runtime import limit_threads, progress_bar, set_seed
+from .._utils._stats import gap_weights
+from .._utils._validation import (
+    check_choice,
+    check_int,
+    check_real,
+    check_seed,
+    check_y,
+    encode_y,
 )
-from ..extraction import _check_input
-from .._tags import NetworkInputMixin
-from .._validation import check_choice, check_int, check_real
-from ._base import check_y, encode_y, network_classes
+from ..base import BaseNetworkEstimator, NetworkClassifierMixin, atomic_fit
 
 __all__ = ["SpuriosityHeadFinetuner"]
 
@@ -63,7 +61,7 @@ def _cross_entropy_step(head, F, t):
     return float(loss)
 
 
-class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator):
+class SpuriosityHeadFinetuner(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEstimator):
     """Fine-tune only the classification head on the least spurious samples of each class.
 
     1. The inputs of the head (penultimate features) are extracted for the
@@ -95,9 +93,9 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
     ranker : SpuriosityRanker or None, default=None
         Computes spuriosity from the head inputs when ``fit`` gets none; an
         unfitted ranker is cloned and fitted on the training head inputs.
-    head : str or None, default=None
-        Name of the :class:`torch.nn.Linear` head (e.g. ``"classifier.2"``);
-        ``None`` picks the last Linear layer.
+    layer : str or None, default=None
+        Name of the :class:`torch.nn.Linear` head to fine-tune (e.g.
+        ``"classifier.2"``); ``None`` picks the last Linear layer.
     k : int, default=10
         Training samples per class to fine-tune on; must not exceed any class.
     target_gap : float, default=0.05
@@ -105,12 +103,12 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
     baseline : {None, "random"}, default=None
         ``"random"``: fine-tune on ``k`` random samples per class instead (the
         comparison baseline of the paper).
-    max_accuracy_drop : float in [0, 1] or None, default=None
-        Accuracy guard: an epoch whose head has an accuracy on the training
-        data (all of ``X`` outside the internal validation split, so
-        in-distribution even when ``validation_data`` is unbiased) more than
-        this below that of the original head (0.03 = 3 points) is never kept;
-        training continues past it. ``None``: no guard.
+    max_accuracy_drop : float in [0, 1] or None, default=0.02
+        Accuracy guard: an epoch whose in-distribution accuracy (on all of
+        ``X`` outside the internal validation split, in-distribution even when
+        ``validation_data`` is unbiased) is more than this below the original
+        network's (0.02 = 2 points) is never kept; training continues past it.
+        ``None``: no guard.
     val_k : int, default=10
         ``k`` of the validation gap (clipped to the smallest validation class).
     validation_fraction : float in [0, 1), default=0.25
@@ -127,8 +125,8 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
     device : str or torch.device, default="auto"
     random_state : int, RandomState instance or None, default=None
         Seeds the validation split, the random baseline and the training order.
-    progress : bool, default=False
-        Progress bars over extraction batches and epochs.
+    verbose : int, default=0
+        0: silent; 1 or more: progress bars over the long steps (tqdm).
 
     Attributes
     ----------
@@ -136,7 +134,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         The copy with the fine-tuned head.
     module_ : torch.nn.Module
         Its module.
-    head_ : str
+    layer_ : str
         Name of the fine-tuned layer.
     ranker_ : SpuriosityRanker or None
         The ranker used (fitted), if any.
@@ -162,8 +160,8 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         Whether the validation gap fell below ``target_gap``.
     stop_reason_ : str
         ``"target_gap"`` or ``"max_epochs"``.
-    history_ : list of dict
-        Per epoch: ``epoch``, ``loss``, ``val_gap``, ``val_accuracy``,
+    history_ : skorch.history.History
+        A list with one dict per epoch: ``epoch``, ``loss``, ``val_gap``, ``val_accuracy``,
         ``train_accuracy``, ``admissible`` (whether it respects the accuracy
         guard).
     fit_time_ : float
@@ -187,17 +185,17 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
     >>> X, y = rng.randn(80, 4).astype("float32"), np.repeat([0, 1], 40)
     >>> ft = SpuriosityHeadFinetuner(net, ranker=SpuriosityRanker(spurious_features=[0]),
     ...                              k=5, max_epochs=3, random_state=0).fit(X, y)
-    >>> ft.head_, len(ft.selected_indices_), ft.predict(X[:3]).shape
+    >>> ft.layer_, len(ft.selected_indices_), ft.predict(X[:3]).shape
     ('2', 10, (3,))
     """
 
-    def __init__(self, estimator, ranker=None, head=None, k=10, target_gap=0.05, baseline=None,
-                 max_accuracy_drop=None, val_k=10, validation_fraction=0.25, max_epochs=300,
+    def __init__(self, estimator, ranker=None, layer=None, k=10, target_gap=0.05, baseline=None,
+                 max_accuracy_drop=0.02, val_k=10, validation_fraction=0.25, max_epochs=300,
                  lr=1e-3, weight_decay=0.0, batch_size=64, device="auto", random_state=None,
-                 progress=False):
+                 verbose=0):
         self.estimator = estimator
         self.ranker = ranker
-        self.head = head
+        self.layer = layer
         self.k = k
         self.target_gap = target_gap
         self.baseline = baseline
@@ -210,7 +208,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         self.batch_size = batch_size
         self.device = device
         self.random_state = random_state
-        self.progress = progress
+        self.verbose = verbose
 
     # ------------------------------------------------------------------ validation
     def _check_params(self):
@@ -223,6 +221,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         check_real("target_gap", self.target_gap, low=-1, high=1)
         check_real("validation_fraction", self.validation_fraction, low=0, high=1, high_open=True)
         check_choice("baseline", self.baseline, _BASELINES)
+        check_seed("random_state", self.random_state)
         if self.max_accuracy_drop is not None:
             check_real("max_accuracy_drop", self.max_accuracy_drop, low=0, high=1)
         if self.ranker is not None and not hasattr(self.ranker, "score_samples"):
@@ -234,8 +233,8 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         """Inputs of the head for ``X``: float32 tensor (n, d) on the CPU."""
         hint = ("SpuriosityHeadFinetuner trains the layer that produces the logits."
                 if check_output else None)
-        return layer_inputs(self.module_, self.head_, X, self.batch_size, self.device_,
-                            check_output=hint, progress=self.progress, desc=desc)
+        return layer_inputs(self.module_, self.layer_, X, self.batch_size, self.device_,
+                            check_output=hint, verbose=self.verbose, desc=desc)
 
     def _spuriosity(self, F, y, given, name):
         if given is not None:
@@ -269,14 +268,12 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
     def _gap_groups(y_idx, s, k):
         """Per scored class: its positions and the weights ``(highest k) - (lowest k)`` divided
         by ``k``, with ties shared as in ``spurious_gap``."""
-        from ..metrics import _gap_weights
-
         groups = []
         for c in np.unique(y_idx):
             idx = np.flatnonzero(y_idx == c)
             if not np.isfinite(s[idx]).all():
                 continue
-            groups.append((idx, _gap_weights(s[idx], k) / k))
+            groups.append((idx, gap_weights(s[idx], k) / k))
         return groups
 
     def _evaluate(self, head, F, y_idx, groups):
@@ -332,6 +329,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         return epoch, best
 
     # ------------------------------------------------------------------ fit
+    @atomic_fit
     def fit(self, X, y, spuriosity=None, validation_data=None):
         """Fine-tune the head of a copy of the network.
 
@@ -355,18 +353,12 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         """
         start = time.perf_counter()
         self._check_params()
-        X, shape = _check_input(X)
+        X = self._validate_X(X, reset=True)
         n = n_samples(X)
-        self._set_n_features_in(shape)
         y = check_y(y, n)
-        self.device_ = resolve_device(self.device)
-        self.estimator_, self.module_ = copy_estimator(self.estimator, self.device_)
-        self.head_ = last_linear(self.module_, "head") if self.head is None else self.head
-        head = find_layer(self.module_, self.head_)
-        if not isinstance(head, nn.Linear):
-            raise ValueError(
-                f"head={self.head_!r} is a {type(head).__name__}; SpuriosityHeadFinetuner trains "
-                "a torch.nn.Linear head (head=None picks the last one).")
+        self.device_ = self._resolve_device()
+        self.estimator_, self.module_ = self._copy_network(self.device_)
+        self.layer_, head = resolve_linear(self.module_, self.layer, type(self).__name__)
         rng = check_random_state(self.random_state)
         seed = rng.randint(np.iinfo(np.int32).max)
         # random_state=None leaves torch's global RNG alone (the shuffles then draw from it)
@@ -393,7 +385,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
                 raise ValueError(
                     "validation_data must be (X_val, y_val) or (X_val, y_val, spuriosity_val).")
             X_val, y_val = validation_data[0], validation_data[1]
-            X_val, _ = _check_input(X_val, name="X_val")
+            X_val = self._validate_X(X_val, reset=False, name="X_val")
             y_val = check_y(y_val, n_samples(X_val))
             F_val = self._features(X_val, desc="validation head inputs")
             s_val_given = validation_data[2] if len(validation_data) == 3 else None
@@ -441,12 +433,12 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         head.eval()
         self.gap_before_, self.accuracy_before_ = self._evaluate(head, F_val, yv_idx, groups)
         self.train_accuracy_before_ = self._accuracy(head, F_tr, t_tr)
-        self.history_ = []
+        self.history_ = History()
         self.converged_ = bool(self.gap_before_ < self.target_gap)
         self.stop_reason_ = "target_gap" if self.converged_ else "max_epochs"
         epoch = 0
         best = (0, None, (self.gap_before_, self.accuracy_before_, self.train_accuracy_before_))
-        epochs = progress_bar(range(1, int(self.max_epochs) + 1), self.progress,
+        epochs = progress_bar(range(1, int(self.max_epochs) + 1), self.verbose,
                               total=int(self.max_epochs), desc="fine-tuning")
         with limit_threads(1):
             if not self.converged_:
@@ -474,23 +466,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         self.fit_time_ = time.perf_counter() - start
         return self
 
-    # ------------------------------------------------------------------ predict
-    def predict_proba(self, X):
-        """Class probabilities of the fine-tuned network, ``(n, n_classes)`` float32."""
-        check_is_fitted(self, "estimator_")
-        X, _ = _check_input(X)
-        if (hasattr(self, "n_features_in_") and getattr(X, "ndim", 0) == 2
-                and X.shape[1] != self.n_features_in_):
-            raise ValueError(
-                f"X has {X.shape[1]} features, but SpuriosityHeadFinetuner is expecting "
-                f"{self.n_features_in_} features as input.")
-        return predict_proba(self.estimator_, X, batch_size=max(int(self.batch_size), 256))
-
-    def predict(self, X):
-        """Predicted classes of the fine-tuned network."""
-        proba = self.predict_proba(X)
-        return self.classes_[proba.argmax(axis=1)]
-
+    # ------------------------------------------------------------------ selection
     def select(self, X, y, spuriosity=None):
         """Indices of the samples :meth:`fit` would fine-tune on (without training).
 
@@ -499,7 +475,7 @@ class SpuriosityHeadFinetuner(NetworkInputMixin, ClassifierMixin, BaseEstimator)
         over all of ``X``.
         """
         check_is_fitted(self, "estimator_")
-        X, _ = _check_input(X)
+        X = self._validate_X(X, reset=False)
         y = check_y(y, n_samples(X))
         F = self._features(X)
         s = self._spuriosity(F, y, spuriosity, "spuriosity")

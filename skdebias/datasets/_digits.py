@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.utils import Bunch, check_random_state
 
-from .._validation import check_int, check_real
+from .._utils._validation import check_int, check_real
 
 __all__ = ["make_colored_digits", "make_artifact_digits", "ARTIFACTS", "COLORS"]
 
@@ -115,6 +115,14 @@ def _other_bias(bias, rng):
     return ((bias + rng.randint(1, 10, size=len(bias))) % 10).astype(np.int64)
 
 
+def _checked_split(image_size, test_size, random_state):
+    """The checked ``image_size``, the random state and the train/test split of the digits."""
+    image_size = check_int("image_size", image_size, low=8)
+    test_size = check_real("test_size", test_size, low=0, high=1, low_open=True, high_open=True)
+    rng = check_random_state(random_state)
+    return image_size, rng, _split(image_size, test_size, rng)
+
+
 def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactual=False,
                         test_size=0.3, random_state=None):
     """Colored digits: a colour spuriously correlated with the class (Colored/Biased-MNIST).
@@ -176,10 +184,8 @@ def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactu
     rho = check_real("rho", rho, low=0, high=1)
     if not isinstance(mode, str) or mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-    image_size = check_int("image_size", image_size, low=8)
-    test_size = check_real("test_size", test_size, low=0, high=1, low_open=True, high_open=True)
-    rng = check_random_state(random_state)
-    g_tr, y_tr, g_te, y_te = _split(image_size, test_size, rng)
+    image_size, rng, (g_tr, y_tr, g_te, y_te) = _checked_split(image_size, test_size,
+                                                                random_state)
 
     bias = _draw_bias(y_tr, rho, rng)
     bias_test = _draw_bias(y_te, 0.1, rng)
@@ -340,10 +346,8 @@ def make_artifact_digits(target_class=0, p=0.3, artifact="patch", image_size=28,
     p = check_real("p", p, low=0, high=1)
     if not isinstance(artifact, str) or artifact not in ARTIFACTS:
         raise ValueError(f"artifact must be one of {ARTIFACTS}, got {artifact!r}.")
-    image_size = check_int("image_size", image_size, low=8)
-    test_size = check_real("test_size", test_size, low=0, high=1, low_open=True, high_open=True)
-    rng = check_random_state(random_state)
-    g_tr, y_tr, g_te, y_te = _split(image_size, test_size, rng)
+    image_size, rng, (g_tr, y_tr, g_te, y_te) = _checked_split(image_size, test_size,
+                                                                random_state)
     mask = _artifact_mask(artifact, image_size)
 
     X = np.repeat(g_tr[:, None], 3, axis=1)

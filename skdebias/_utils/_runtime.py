@@ -1,0 +1,79 @@
+"""Runtime settings of a fit: device, seeds, progress bars, CPU threads."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["resolve_device", "set_seed", "progress_bar", "limit_threads"]
+
+
+def resolve_device(device="auto") -> torch.device:
+    """Turn ``device`` into a :class:`torch.device`.
+
+    ``"auto"`` (or ``None``) picks CUDA when it is available, else the CPU.
+    Any string or :class:`torch.device` torch understands is accepted.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"device={device!r} is not valid; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+            ) from exc
+    else:
+        raise ValueError(
+            f"device={device!r} is not valid; use 'auto', 'cpu', 'cuda', 'cuda:N' "
+            "or a torch.device."
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available; use 'auto' or 'cpu'.")
+    return dev
+
+
+def set_seed(random_state) -> torch.Generator | None:
+    """Seed torch's global RNGs from an int ``random_state``; return a seeded Generator.
+
+    ``None`` leaves the global state alone and returns ``None``.
+    """
+    if random_state is None:
+        return None
+    from sklearn.utils import check_random_state
+
+    seed = int(check_random_state(random_state).randint(0, 2**31 - 1))
+    torch.manual_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def progress_bar(iterable, enabled, total=None, desc=None):
+    """Wrap ``iterable`` in a tqdm bar when ``enabled`` (an estimator's ``verbose`` > 0)."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc)
+
+
+@contextlib.contextmanager
+def limit_threads(n: int = 1):
+    """Run the block with at most ``n`` intra-op CPU threads, restoring the setting after.
+
+    For loops over many tiny tensor operations (e.g. training a linear head on
+    extracted features): on a busy machine each multi-threaded call of a tiny
+    op can cost milliseconds of thread synchronisation, 100x its compute.
+    """
+    before = torch.get_num_threads()
+    if before > n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

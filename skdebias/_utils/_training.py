@@ -1,0 +1,115 @@
+"""Guards of a training run: stop one that diverges instead of returning it as fitted."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from skorch.callbacks import Callback
+from skorch.dataset import unpack_data
+
+from ..exceptions import DivergenceError
+from ._modules import preserve_mode
+
+__all__ = ["DivergenceGuard"]
+
+
+class DivergenceGuard(Callback):
+    """skorch callback that raises :class:`~skdebias.exceptions.DivergenceError` when training
+    runs away.
+
+    Checked after every training batch: the loss is finite. After every epoch: the weights
+    are finite, and on up to ``baseline_samples`` training samples (eval mode) the network
+    keeps at least ``keep`` of the accuracy it had above always predicting the most frequent
+    class (a network at 0.98 with a majority class of 0.12 must stay above 0.335 for
+    ``keep=0.25``); not checked for a network that was near that level before training. ``advice`` (e.g. ``"lower lr (now 0.01) or penalty (now 1e7)"``) ends
+    the message. The weights of the last healthy epoch are put back before raising, so the
+    net never holds the diverged ones.
+
+    Parameters
+    ----------
+    advice : str
+        What to change, with the current values; ``{net}`` stands for the net
+        (e.g. ``"lower lr (now {net.lr})"``).
+    keep : float, default=0.25
+    baseline_samples : int, default=512
+        Training samples scored before training and after every epoch (eval mode, no
+        gradients).
+    """
+
+    def __init__(self, advice="", keep=0.25, baseline_samples=512):
+        self.advice = advice
+        self.keep = keep
+        self.baseline_samples = baseline_samples
+
+    def initialize(self):
+        self.good_state_ = None
+        self.probe_ = None
+        self.majority_ = 1.0
+        self.baseline_ = 0.0
+        self.baseline_ok_ = False
+        return self
+
+    def _accuracy(self, net):
+        """Accuracy on the probe samples, in eval mode without gradients."""
+        correct = seen = 0
+        with preserve_mode(net.module_, train=False), torch.no_grad():
+            for batch in self.probe_:
+                Xi, yi = unpack_data(batch)
+                pred = net.infer(Xi).argmax(dim=1).cpu()
+                correct += int((pred == torch.as_tensor(yi).cpu()).sum())
+                seen += len(pred)
+        return correct / max(seen, 1)
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        self.good_state_ = copy.deepcopy(net.module_.state_dict())
+        # a fixed probe of training samples: the original network's accuracy on it tells a
+        # collapse caused by training from a network that never separated the classes
+        dataset = net.get_dataset(X, y)
+        n = min(len(dataset), int(self.baseline_samples))
+        probe = torch.utils.data.Subset(dataset, range(n))
+        # its own generator: a DataLoader draws a seed when iterated, which must not move the
+        # global RNG that the training run's shuffling and initialisation may use
+        self.probe_ = torch.utils.data.DataLoader(probe, batch_size=net.batch_size,
+                                                  generator=torch.Generator().manual_seed(0))
+        labels = torch.cat([torch.as_tensor(unpack_data(b)[1]).cpu().long()
+                            for b in self.probe_]) if n else torch.zeros(0, dtype=torch.long)
+        self.majority_ = float(torch.bincount(labels).max()) / n if n else 1.0
+        self.baseline_ = self._accuracy(net) if n else 0.0
+        self.baseline_ok_ = n > 0 and self.baseline_ > self.majority_ + 0.1
+
+    def on_batch_end(self, net, batch=None, training=None, loss=None, **kwargs):
+        if training and loss is not None:
+            loss = torch.as_tensor(loss).detach()
+            if not bool(torch.isfinite(loss).all()):
+                self._fail(net, f"the training loss became {float(loss)}")
+
+    def on_epoch_end(self, net, **kwargs):
+        for name, p in net.module_.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                self._fail(net, f"the weights of {name!r} became non-finite")
+        if self.baseline_ok_:
+            accuracy = self._accuracy(net)
+            floor = self.majority_ + self.keep * (self.baseline_ - self.majority_)
+            if accuracy < floor:
+                self._fail(net, f"the training accuracy collapsed from {self.baseline_:.3f} to "
+                                f"{accuracy:.3f} (always predicting the most frequent class "
+                                f"gives {self.majority_:.3f})")
+        self.good_state_ = copy.deepcopy(net.module_.state_dict())
+
+    def _fail(self, net, what):
+        epoch = len(net.history)
+        if self.good_state_ is not None:
+            net.module_.load_state_dict(self.good_state_)
+        advice = f": {self.advice.format(net=net)}" if self.advice else ""
+        raise DivergenceError(f"Training diverged in epoch {epoch}: {what}{advice}.")
+
+    def on_train_end(self, net, **kwargs):
+        self.good_state_ = self.probe_ = None  # memory, and a net that pickles
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("good_state_", None)
+        state.pop("probe_", None)
+        return state
+
