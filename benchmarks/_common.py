@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from skdebias.report import environment, format_table, write_json  # noqa: E402
 
-__all__ = ["interleaved", "result_path", "SyntheticImages", "emit", "environment", "format_table"]
+__all__ = ["interleaved", "result_path", "SyntheticImages", "emit", "environment", "format_table",
+           "target_class_concept_labels"]
 
 
 def interleaved(funcs, repeats=5, warmup=1):
@@ -44,6 +45,26 @@ def emit(name, rows, title, columns=None, extra=None, floatfmt=".3f"):
     path = write_json(result_path(name), payload)
     print(f"wrote {os.path.relpath(path, os.path.dirname(HERE))}")
     return payload
+
+
+def target_class_concept_labels(data):
+    """Artifact labels (0/1) within the artifact's target class, -1 for every other image.
+
+    With -1 the correctors leave an image out of the CAV fit, so the CAV separates
+    artifact from clean images of one digit and not that digit from the others.
+
+    Parameters
+    ----------
+    data : Bunch
+        From ``skdebias.datasets.make_artifact_digits`` (``y``, ``concept``,
+        ``target_class``).
+
+    Returns
+    -------
+    ndarray of shape (n_samples,), int64
+    """
+    concept = np.asarray(data.concept).astype(np.int64)
+    return np.where(np.asarray(data.y) == data.target_class, concept, -1)
 
 
 class SyntheticImages(torch.utils.data.Dataset):

@@ -15,14 +15,13 @@ import torch
 from _common import SyntheticImages, emit, interleaved
 
 from skdebias import ActivationExtractor
-from skdebias._torch import find_layer
 from skdebias.models import SmallCNN, torchvision_model
 
 
 def raw_forward(module, layer, batches):
     """What a user writes by hand: a hook, a full no-grad forward, max pooling."""
     store = []
-    handle = find_layer(module, layer).register_forward_hook(
+    handle = dict(module.named_modules())[layer].register_forward_hook(
         lambda m, i, o: store.append(o.detach().amax(dim=(2, 3))))
     module.eval()
     with torch.no_grad():

@@ -12,7 +12,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["extraction", "cav", "artifact_strength", "correction", "spuriosity", "colored_digits", "cuda_check"]
+SCRIPTS = ["extraction", "cav", "artifact_strength", "correction", "divergence", "spuriosity",
+           "colored_digits", "cuda_check"]
 
 
 def main(argv=None):

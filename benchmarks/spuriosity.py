@@ -105,7 +105,7 @@ def train_net(X, y, seed, epochs):
 
 
 def finetune(net, ranker, X, y, val, seed, settings, baseline=None):
-    ft = SpuriosityHeadFinetuner(net, ranker=ranker, head="classifier.2", baseline=baseline,
+    ft = SpuriosityHeadFinetuner(net, ranker=ranker, layer="classifier.2", baseline=baseline,
                                  device="cpu", random_state=seed, **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning: gap above target_gap

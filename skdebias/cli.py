@@ -3,98 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import pickle
+import pickletools
 import sys
+import warnings
+import zipfile
+from collections.abc import Mapping
 
 import numpy as np
 
-from .report import Timer, format_table, write_json
+from ._demo import run_demo
+from .report import format_table, write_json
 
 __all__ = ["main", "run_demo", "run_audit"]
-
-
-def _accuracy(net, X, y):
-    return float(np.mean(net.predict(X) == y))
-
-
-def run_demo(seed=0, epochs=8, artifact="patch", target_class=0, p=0.3, layer="features.6",
-             correction=True, verbose=True):
-    """Train a Clever-Hans CNN on artifact digits, audit it with CAVs, and (optionally) correct it.
-
-    Returns a dict with the audit rows, the correction rows and timings.
-    """
-    import torch
-
-    from .concepts import CAVEstimator, cav_alignment
-    from .datasets import make_artifact_digits
-    from .extraction import ActivationExtractor
-    from .models import SmallCNN, make_classifier
-
-    say = print if verbose else (lambda *a, **k: None)
-    timer = Timer()
-    data = make_artifact_digits(target_class=target_class, p=p, artifact=artifact, random_state=seed)
-    X_att = data.add_artifact(data.X_test)
-    n_art = int(data.concept.sum())
-    say(f"Artifact digits: {len(data.y)} train images, artifact '{artifact}' in {n_art} images of "
-        f"class {target_class} (p={p}); {len(data.y_test)} clean test images. Seed {seed}.")
-
-    with timer("train"):
-        net = make_classifier(SmallCNN, max_epochs=epochs, lr=2e-3, random_state=seed)
-        net.fit(data.X, data.y)
-    clean, attacked = _accuracy(net, data.X_test, data.y_test), _accuracy(net, X_att, data.y_test)
-
-    with timer("extract"):
-        extractor = ActivationExtractor(net, layer=layer).fit(data.X)
-        A = extractor.transform(data.X)
-        A_test, A_test_att = extractor.transform(data.X_test), extractor.transform(X_att)
-    # CAVs are fitted within the target class: artifact vs clean images of the same digit, so the
-    # direction separates the artifact and not the digit class.
-    in_class = data.y == target_class
-    cav_rows = []
-    cavs = {}
-    for method in ("pattern", "svm"):
-        name = f"fit_{method}"
-        with timer(name):
-            est = CAVEstimator(method=method, random_state=seed).fit(A[in_class],
-                                                                    data.concept[in_class])
-        cavs[method] = est
-        align = cav_alignment(est.cav_, A_test_att, A_test)
-        cav_rows.append({"cav": method, "cos(mean d, cav)": align["cos_mean_diff"],
-                         "mean cos(d, cav)": align["mean_cos"],
-                         "fit ms": 1000 * timer[name]})
-    summary = [
-        {"quantity": "clean test accuracy", "value": f"{clean:.3f}"},
-        {"quantity": "attacked test accuracy (artifact in every image)", "value": f"{attacked:.3f}"},
-        {"quantity": "accuracy lost to the artifact (points)", "value": f"{100 * (clean - attacked):.1f}"},
-        {"quantity": f"training ({epochs} epochs, {net.device})", "value": f"{timer['train']:.1f} s"},
-        {"quantity": f"activation extraction at {layer!r}", "value": f"{timer['extract']:.2f} s"},
-    ]
-    say("")
-    say(format_table(summary, title="Audit of the trained network"))
-    say("")
-    say(format_table(cav_rows, title="CAV alignment with the true artifact direction "
-                                     f"(CAVs fitted on class {target_class}; "
-                                     "d = a(x + artifact) - a(x) on test images)"))
-    result = {"seed": seed, "epochs": epochs, "artifact": artifact, "target_class": target_class,
-              "p": p, "layer": layer, "clean_accuracy": clean, "attacked_accuracy": attacked,
-              "cav": cav_rows, "timings_s": dict(timer.seconds)}
-
-    if correction:
-        try:
-            from .correction import compare_corrections
-        except ImportError:  # correction module not available in this build
-            compare_corrections = None
-        if compare_corrections is not None:
-            with timer("correction"):
-                rows = compare_corrections(net, data, layer=layer, cav=cavs["pattern"],
-                                           random_state=seed)
-            say("")
-            say(format_table(rows, title="Correction on artifact digits "
-                                         "(concept sensitivity: mean |grad . cav| at the layer)"))
-            result["correction"] = rows
-            result["timings_s"] = dict(timer.seconds)
-    say("")
-    say(f"Total time: {sum(timer.seconds.values()):.1f} s (torch threads: {torch.get_num_threads()})")
-    return result
 
 
 def _first_in_channels(module):
@@ -105,28 +28,266 @@ def _first_in_channels(module):
     return None
 
 
-def run_audit(model, images, concept, layer, image_size=None, batch_size=64, device="auto",
-              grayscale=None, verbose=True):
-    """Audit a saved model for a concept given as example images.
+def _is_state_dict(obj):
+    """Whether ``obj`` is a non-empty mapping of parameter names to tensors."""
+    import torch
 
-    ``model`` is a file written by ``torch.save(module)``; ``images`` an
-    ImageFolder-style directory with the classes; ``concept`` a directory with
-    two sub-folders whose second (sorted) name holds images *with* the concept.
-    ``grayscale=None`` loads one channel when the network's first convolution
-    takes one. The two directories may hold images of different sizes when the
-    network accepts them (e.g. global pooling before its head).
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _holds_pickled_objects(path, exc):
+    """Whether a file that failed the tensors-only load is a readable pickle of Python objects.
+
+    Such a file (a whole network saved with ``torch.save(module)``) needs ``--trust-model``;
+    anything else failed because it is damaged or not a torch file.
+    """
+    if "Unsupported global" in str(exc):
+        return True
+    # torch's message may change between versions; the archive itself tells the same thing:
+    # a zip archive written by torch.save whose pickle parses to the end.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            for _ in pickletools.genops(archive.read(name)):
+                pass
+    except Exception:
+        return False
+    return True
+
+
+def _num_classes(state_dict):
+    """Rows of the last 2-D ``*.weight`` tensor, or ``None`` without one.
+
+    A state dict lists tensors in the order the modules were registered, so that
+    tensor is the weight of the last ``Linear`` layer, the head of a classifier.
+    """
+    weights = [v for k, v in state_dict.items() if k.endswith(".weight") and v.ndim == 2]
+    return int(weights[-1].shape[0]) if weights else None
+
+
+def _one_line(exc):
+    """``"Type: message"`` on one line, cut to 200 characters, for the one-line CLI errors."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _build_arch(arch, state_dict):
+    """The untrained network named by ``--arch``, ready for ``state_dict``."""
+    import torch
+
+    if ":" in arch:
+        module_name, _, attr = arch.partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+        except Exception as exc:
+            raise ValueError(f"--arch {arch!r}: cannot import module {module_name!r} "
+                             f"({_one_line(exc)}).") from None
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"--arch {arch!r}: module {module_name!r} has no attribute "
+                             f"{attr!r}.") from None
+        try:
+            net = obj()
+        except Exception as exc:
+            raise ValueError(f"--arch {arch!r}: {attr}() with no arguments failed "
+                             f"({_one_line(exc)}); --arch takes a class that builds the "
+                             f"network without arguments.") from None
+        if not isinstance(net, torch.nn.Module):
+            raise ValueError(f"--arch {arch!r}: {attr}() returned an object of type "
+                             f"{type(net).__name__}, not a torch.nn.Module.")
+        return net
+
+    import difflib
+
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        close = difflib.get_close_matches(arch, available, n=5)
+        raise ValueError(f"--arch {arch!r} is neither a torchvision classification model "
+                         f"(closest: {close}) nor of the form 'package.module:Class'.")
+    kwargs = {}
+    n_out = _num_classes(state_dict)
+    if n_out is not None:
+        kwargs["num_classes"] = n_out
+    try:
+        return torchvision.models.get_model(arch, weights=None, **kwargs)
+    except Exception as exc:
+        raise ValueError(f"--arch {arch!r}: torchvision could not build it with {kwargs} "
+                         f"({_one_line(exc)}).") from None
+
+
+def _load_weights(module, state_dict, path, arch):
+    """Copy ``state_dict`` into ``module``, refusing any missing, unexpected or reshaped tensor."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    reshaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+                for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+
+    def some(keys):
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        return ", ".join(keys[:5]) + more
+
+    problems = [f"{label}: {some(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected),
+                 ("shapes in the file vs the architecture", reshaped)) if keys]
+    if problems:
+        raise ValueError(f"--model {path!r} does not match --arch {arch!r}: "
+                         + "; ".join(problems) + ".")
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except Exception as exc:  # e.g. a dtype that cannot be copied
+        raise ValueError(f"--model {path!r} does not load into --arch {arch!r} "
+                         f"({_one_line(exc)}).") from None
+    return module
+
+
+def _load_model(path, arch=None, trust_model=False):
+    """Load the network of a model file without running code from it, unless trusted.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A state dict saved with ``torch.save(module.state_dict())`` (needs
+        ``arch``), or a whole network saved with ``torch.save(module)`` (needs
+        ``trust_model=True``).
+    arch : str or None, default=None
+        Architecture of a state dict: a torchvision classification model name
+        (e.g. ``"resnet18"``; built with random weights and as many classes as
+        the state dict's last ``Linear`` weight has rows) or
+        ``"package.module:Class"`` (imported and called without arguments).
+    trust_model : bool, default=False
+        Allow unpickling a whole network. Unpickling runs any code the file
+        holds, so only do it for files you made or trust. Without it the file
+        is read with ``torch.load(weights_only=True)``: tensors and plain
+        containers only.
+
+    Returns
+    -------
+    torch.nn.Module
+        The network on the CPU.
+
+    Raises
+    ------
+    ValueError
+        For every problem with the file (missing, empty, corrupt, a whole
+        network without ``trust_model``, a state dict without ``arch`` or one
+        that does not fit it) or with ``arch``; the message is one line that
+        names the file or the architecture.
     """
     import torch
 
-    from ._torch import predict_proba, resolve_device
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"--model {path!r}: no such file.")
+    if os.path.isdir(path):
+        raise ValueError(f"--model {path!r} is a directory; expected a file written by torch.save.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"--model {path!r} is empty (0 bytes); expected a file written by "
+                         "torch.save.")
+    try:
+        # torch warns about pickle protocols of damaged files; the error below says it all
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+    except OSError as exc:
+        raise ValueError(f"--model {path!r} cannot be read ({exc.strerror or exc}).") from None
+    except Exception as exc:
+        if trust_model:
+            # consented to: the full unpickler also reads what the tensors-only one rejects
+            try:
+                obj = torch.load(path, weights_only=False, map_location="cpu")
+            except Exception as exc2:
+                raise ValueError(f"--model {path!r} cannot be loaded by torch.load (corrupt, "
+                                 "truncated or of another format: "
+                                 f"{_one_line(exc2)}).") from None
+        elif isinstance(exc, pickle.UnpicklingError) and _holds_pickled_objects(path, exc):
+            raise ValueError(
+                f"--model {path!r} holds a whole pickled network, and unpickling it would run "
+                "code from the file: pass a state dict (torch.save(model.state_dict())) with "
+                "--arch, or pass --trust-model if you trust the file.") from None
+        else:
+            raise ValueError(f"--model {path!r} is not a file written by torch.save (corrupt, "
+                             "truncated or of another format).") from None
+
+    if isinstance(obj, torch.nn.Module):
+        if arch is not None:
+            raise ValueError(f"--model {path!r} holds a whole network ({type(obj).__name__}), "
+                             f"so --arch {arch!r} does not apply; leave --arch out.")
+        return obj
+    if not _is_state_dict(obj):
+        hint = ""
+        if isinstance(obj, Mapping):
+            inner = [k for k, v in obj.items() if _is_state_dict(v)]
+            if inner:
+                hint = f"; it holds a state dict under the key {inner[0]!r}: save that one alone"
+        raise ValueError(f"--model {path!r} holds a {type(obj).__name__}, neither a state dict "
+                         f"(parameter names to tensors) nor a torch.nn.Module{hint}.")
+    if arch is None:
+        raise ValueError(f"--model {path!r} holds a state dict (tensors only): name its "
+                         "architecture with --arch, a torchvision model name (e.g. 'resnet18') "
+                         "or 'package.module:Class'.")
+    return _load_weights(_build_arch(arch, obj), obj, path, arch)
+
+
+def run_audit(model, images, concept, layer, image_size=None, batch_size=64, device="auto",
+              grayscale=None, verbose=True, arch=None, trust_model=False):
+    """Audit a saved model for a concept given as example images.
+
+    Parameters
+    ----------
+    model : str or path-like
+        A state dict written by ``torch.save(module.state_dict())`` (give
+        ``arch``) or a whole network written by ``torch.save(module)`` (give
+        ``trust_model=True``).
+    images : str
+        ImageFolder-style directory with one sub-folder per class.
+    concept : str
+        Directory with two sub-folders; the second in sorted order holds the
+        images *with* the concept.
+    layer : str
+        Name of the layer whose activations the CAV is fitted on.
+    image_size : int or None, default=None
+        Resize the images to this size (``None``: keep them).
+    batch_size : int, default=64
+    device : str, default="auto"
+    grayscale : bool or None, default=None
+        ``None`` loads one channel when the network's first convolution takes
+        one. The two directories may hold images of different sizes when the
+        network accepts them (e.g. global pooling before its head).
+    verbose : bool, default=True
+        Print the table.
+    arch : str or None, default=None
+        Architecture of a state dict: a torchvision model name (random weights,
+        as many classes as the state dict's last ``Linear`` weight has rows) or
+        ``"package.module:Class"`` (called without arguments).
+    trust_model : bool, default=False
+        Allow unpickling a whole network, which runs any code the file holds.
+
+    Returns
+    -------
+    dict
+        ``rows`` (per class: ``n``, ``accuracy``, ``mean concept score``) and
+        ``cav`` (the unit CAV).
+
+    Raises
+    ------
+    ValueError
+        For a model file or ``arch`` that cannot be used (one-line message
+        naming it), a concept folder without two sub-folders, an unknown layer.
+    """
+    from ._utils._modules import predict_proba
+    from ._utils._runtime import resolve_device
     from .concepts import CAVEstimator
     from .datasets import load_image_folder
     from .extraction import ActivationExtractor
 
     say = print if verbose else (lambda *a, **k: None)
-    module = torch.load(model, weights_only=False, map_location="cpu")
-    if not isinstance(module, torch.nn.Module):
-        raise ValueError(f"{model!r} does not hold a torch.nn.Module (saved with torch.save(module)).")
+    module = _load_model(model, arch=arch, trust_model=trust_model)
     module.to(resolve_device(device))  # the loaded copy is ours to move
     if grayscale is None:
         grayscale = _first_in_channels(module) == 1
@@ -155,18 +316,55 @@ def run_audit(model, images, concept, layer, image_size=None, batch_size=64, dev
     return {"rows": rows, "cav": cav.cav_}
 
 
+_EXIT_CODES = """\
+exit status:
+  0  success
+  1  an unexpected error (a Python traceback follows)
+  2  a usage error, or an input that cannot be used (a model file that is missing, empty,
+     corrupt, of the wrong kind or does not fit --arch; an image folder; a layer name);
+     the reason is one line on stderr: 'skdebias <command>: error: <message>'
+"""
+
+
 def main(argv=None):
-    """Entry point of ``python -m skdebias``."""
-    parser = argparse.ArgumentParser(prog="skdebias", description=__doc__)
+    """Entry point of ``python -m skdebias``.
+
+    Parameters
+    ----------
+    argv : list of str or None, default=None
+        Arguments without the program name (``None``: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success. Usage errors and unusable inputs exit with status 2 and
+        one line on stderr (``SystemExit``).
+    """
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="skdebias", description=__doc__, epilog=_EXIT_CODES,
+                                     formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a Clever-Hans CNN on built-in data, audit and correct it")
+    demo = sub.add_parser("demo", epilog=_EXIT_CODES, formatter_class=raw,
+                          help="train a Clever-Hans CNN on built-in data, audit and correct it")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--artifact", default="patch", choices=["patch", "timestamp", "lsb", "brightness"])
     demo.add_argument("--no-correction", action="store_true", help="only audit, do not correct")
     demo.add_argument("--json", help="also write the results to this JSON file")
-    audit = sub.add_parser("audit", help="measure a saved model's use of a concept")
-    audit.add_argument("--model", required=True, help="file saved with torch.save(module)")
+    audit = sub.add_parser("audit", help="measure a saved model's use of a concept",
+                           epilog=_EXIT_CODES, formatter_class=raw)
+    audit.add_argument("--model", required=True,
+                       help="a state dict saved with torch.save(model.state_dict()) (give --arch), "
+                            "or a whole network saved with torch.save(model) (give --trust-model)")
+    audit.add_argument("--arch", default=None,
+                       help="architecture of a state dict: a torchvision model name (e.g. "
+                            "resnet18; its number of classes is read from the state dict's "
+                            "last Linear layer) or package.module:Class (built without "
+                            "arguments)")
+    audit.add_argument("--trust-model", action="store_true",
+                       help="allow a whole pickled network in --model. Unpickling runs any code "
+                            "the file contains: use it only for files you made or trust. "
+                            "Without it the file is read as tensors only")
     audit.add_argument("--images", required=True, help="ImageFolder-style directory of labelled images")
     audit.add_argument("--concept", required=True,
                        help="directory with two sub-folders; the second in sorted order (e.g. "
@@ -176,8 +374,13 @@ def main(argv=None):
     audit.add_argument("--device", default="auto")
     audit.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
                        help="load one channel (default: when the first convolution takes one)")
-    audit.add_argument("--json")
+    audit.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+
+    def fail(message):
+        # one line, whatever the message: scripts read the reason from stderr
+        parser.exit(2, f"skdebias {args.command}: error: {' '.join(str(message).split())}\n")
+
     if args.command == "demo":
         result = run_demo(seed=args.seed, epochs=args.epochs, artifact=args.artifact,
                           correction=not args.no_correction)
@@ -185,11 +388,15 @@ def main(argv=None):
         try:
             result = run_audit(args.model, args.images, args.concept, args.layer,
                                image_size=args.image_size, device=args.device,
-                               grayscale=args.grayscale)
-        except (ValueError, FileNotFoundError) as exc:  # bad paths, folders, layer names
-            parser.exit(2, f"skdebias audit: error: {exc}\n")
+                               grayscale=args.grayscale, arch=args.arch,
+                               trust_model=args.trust_model)
+        except (ValueError, FileNotFoundError) as exc:  # model file, folders, layer names
+            fail(exc)
     if args.json:
-        write_json(args.json, result)
+        try:
+            write_json(args.json, result)
+        except OSError as exc:
+            fail(f"--json {args.json!r} cannot be written ({exc.strerror or exc}).")
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -53,14 +54,17 @@ def format_table(rows, columns=None, floatfmt=".3f", title=None):
 
 
 def _jsonable(obj):
+    """``obj`` with numpy values as Python ones and NaN/inf floats as ``None`` (JSON null)."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     return obj
 
 
@@ -80,11 +84,72 @@ def environment():
     }
 
 
+def _new_file_mode(path):
+    """The permissions ``open(path, "w")`` gives: the old file's, else 0o666 minus the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_json(path, payload):
-    """Write ``payload`` (numpy values allowed) as indented JSON, creating folders."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(_jsonable(payload), fh, indent=2)
+    """Write ``payload`` as indented JSON, atomically, creating folders.
+
+    The whole text is built before anything is written, then written to a
+    temporary file in the target's folder and moved onto ``path``: an error or
+    a kill midway leaves the previous file as it was.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Target file; its folders are created.
+    payload : object
+        Dicts, lists, tuples, numbers, strings, ``None``, numpy scalars and
+        arrays. NaN and infinite floats are written as ``null`` (JSON has no
+        NaN).
+
+    Returns
+    -------
+    path
+        ``path`` as given.
+
+    Raises
+    ------
+    TypeError
+        If ``payload`` holds an object JSON cannot encode (nothing is written).
+    """
+    text = json.dumps(_jsonable(payload), indent=2, allow_nan=False)
+    # write through a symlink as open(path, "w") did, instead of replacing the link itself
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    mode = _new_file_mode(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes the file private (0o600)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # the rename itself survives a power cut only once the folder is synced (POSIX)
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
     return path
 
 

@@ -3,12 +3,11 @@
 __all__ = []
 
 from ._clarc import ClassArtifactCompensator, CompensatedLayer, ConceptCompensation  # noqa: E402
-from ._compare import compare_corrections  # noqa: E402
 from ._rrclarc import GradientPenaltyCorrector, gradient_penalty  # noqa: E402
 
 __all__ += [
     "GradientPenaltyCorrector", "gradient_penalty", "ClassArtifactCompensator",
-    "ConceptCompensation", "CompensatedLayer", "compare_corrections",
+    "ConceptCompensation", "CompensatedLayer",
 ]
 
 from ._end import EnDClassifier, EnDRegularizer, IgnoreBiasInput, end_terms  # noqa: E402
