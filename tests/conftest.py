@@ -78,3 +78,69 @@ def colored95_fg():
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)
+
+
+@pytest.fixture(scope="session")
+def small(artifact_data):
+    """A small training subset of ``artifact_data``: every class-0 image (all artifact images)
+    + 300 others, as ``(X, y, concept_labels)`` with -1 (no label) outside class 0."""
+    d = artifact_data
+    rng = np.random.RandomState(0)
+    others = rng.choice(np.flatnonzero(d.y != 0), 300, replace=False)
+    idx = np.sort(np.r_[np.flatnonzero(d.y == 0), others])
+    concept = np.where(d.y[idx] == 0, d.concept[idx], -1)
+    return d.X[idx], d.y[idx], concept
+
+
+@pytest.fixture(scope="session")
+def vanilla_scores(artifact_data, artifact_net):
+    """Clean and attacked test accuracy of ``artifact_net``."""
+    from skdebias.metrics import attacked_accuracy
+
+    d = artifact_data
+    return {"clean": float(np.mean(artifact_net.predict(d.X_test) == d.y_test)),
+            "attacked": attacked_accuracy(artifact_net, d.X_test, d.y_test, d.add_artifact)}
+
+
+@pytest.fixture
+def images():
+    """20 random RGB images of 28 x 28 pixels (SmallCNN's input)."""
+    return np.random.RandomState(0).rand(20, 3, 28, 28).astype(np.float32)
+
+
+@pytest.fixture
+def cnn():
+    """An untrained SmallCNN (seed 0)."""
+    from skdebias.models import SmallCNN
+
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+@pytest.fixture
+def gray_images():
+    """6 random one-channel images of 8 x 8 pixels (the input of ``_nets.inplace_net``)."""
+    return np.random.RandomState(0).randn(6, 1, 8, 8).astype("float32")
+
+
+@pytest.fixture
+def bias_toy():
+    """``(X, y, bias)``: 96 samples, 6 features, 3 classes; feature 0 shows the class, feature 1
+    the bias, which equals the class for about 80% of the samples."""
+    rng = np.random.RandomState(0)
+    n = 96
+    y = rng.randint(0, 3, n)
+    bias = np.where(rng.rand(n) < 0.8, y, rng.randint(0, 3, n))
+    X = rng.randn(n, 6).astype(np.float32)
+    X[:, 0] += 2.0 * y
+    X[:, 1] += 3.0 * bias  # the spurious feature
+    return X, y.astype(np.int64), bias.astype(np.int64)
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test (tiny models: thread synchronisation would dominate)."""
+    from skdebias._utils._runtime import limit_threads
+
+    with limit_threads(1):
+        yield

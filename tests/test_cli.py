@@ -1,50 +1,13 @@
-"""The demo/audit command line and the report helpers."""
+"""skdebias.cli: the demo/audit command line."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from skdebias.cli import main, run_audit, run_demo
-from skdebias.report import Timer, format_table, mean_std, write_json
-
-
-def test_format_table_aligns_and_formats():
-    text = format_table([{"a": "x", "b": 1.23456}, {"a": "longer", "b": float("nan")}],
-                        title="T")
-    lines = text.splitlines()
-    assert lines[0] == "T"
-    assert lines[1].split() == ["a", "b"]
-    assert "1.235" in text and "nan" in text
-    assert len({len(line) for line in lines[2:3]}) == 1
-    assert format_table([]) == "(no rows)"
-
-
-def test_write_json_numpy(tmp_path):
-    path = write_json(tmp_path / "sub" / "r.json", {"a": np.float32(1.5), "b": np.arange(2)})
-    assert json.loads(open(path).read()) == {"a": 1.5, "b": [0, 1]}
-
-
-def test_timer_and_mean_std():
-    timer = Timer()
-    with timer("x"):
-        pass
-    assert timer["x"] >= 0
-    assert mean_std([1.0, 3.0], ".1f") == "2.0 ± 1.0"
-
-
-def test_demo_audit_fast(capsys):
-    res = run_demo(seed=0, epochs=4, correction=False)
-    out = capsys.readouterr().out
-    assert "clean test accuracy" in out and "pattern" in out and "svm" in out
-    assert res["clean_accuracy"] > 0.8
-    # the Clever-Hans model loses accuracy when the patch is added to every test image
-    assert res["attacked_accuracy"] < res["clean_accuracy"] - 0.1
-    pattern = next(r for r in res["cav"] if r["cav"] == "pattern")
-    assert pattern["cos(mean d, cav)"] > 0.8
-    assert (res["seed"], res["epochs"], res["artifact"], res["layer"]) == (0, 4, "patch",
-                                                                           "features.6")
+from skdebias.cli import main, run_audit
 
 
 def test_main_demo_writes_json(tmp_path, monkeypatch):
@@ -92,13 +55,13 @@ def test_audit_on_generated_folders(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(SmallCNN(n_classes=2), tmp_path / "m.pt")
     res = run_audit(str(tmp_path / "m.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
-                    "features.6", device="cpu")
+                    "features.6", device="cpu", trust_model=True)
     assert [r["class"] for r in res["rows"]] == ["a", "b"]
     # class "b" images carry the concept, so they score higher along the CAV
     assert res["rows"][1]["mean concept score"] > res["rows"][0]["mean concept score"]
     assert "Concept 'present'" in capsys.readouterr().out
     torch.save({"not": "a module"}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="does not hold a torch.nn.Module"):
+    with pytest.raises(ValueError, match="neither a state dict"):
         run_audit(str(tmp_path / "bad.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
                   "features.6")
 
@@ -121,16 +84,19 @@ def test_audit_grayscale_model_and_folders_of_different_sizes(tmp_path):
     torch.manual_seed(0)
     torch.save(SmallCNN(n_classes=2, in_channels=1), tmp_path / "m.pt")
     res = run_audit(str(tmp_path / "m.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
-                    "features.6", device="cpu", verbose=False)  # grayscale from in_channels
+                    "features.6", device="cpu", verbose=False,
+                    trust_model=True)  # grayscale from in_channels
     assert [r["n"] for r in res["rows"]] == [4, 4]
     assert res["rows"][1]["mean concept score"] > res["rows"][0]["mean concept score"]
     assert main(["audit", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "images"),
                  "--concept", str(tmp_path / "concept"), "--layer", "features.6",
-                 "--device", "cpu", "--grayscale", "--json", str(tmp_path / "a.json")]) == 0
+                 "--device", "cpu", "--grayscale", "--trust-model",
+                 "--json", str(tmp_path / "a.json")]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["rows"][0]["class"] == "a"
-    with pytest.raises(RuntimeError, match="channels"):  # forcing RGB on a 1-channel model
+    # forcing RGB on a 1-channel model: the input check names the shape the network takes
+    with pytest.raises(ValueError, match=r"expects shape \(n_samples, 1, H, W\)"):
         run_audit(str(tmp_path / "m.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
-                  "features.6", device="cpu", grayscale=False, verbose=False)
+                  "features.6", device="cpu", grayscale=False, verbose=False, trust_model=True)
 
 
 def test_audit_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
@@ -140,3 +106,135 @@ def test_audit_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("skdebias audit: error:") and "missing.pt" in err
+
+
+# Model files: state dicts need --arch, whole pickles --trust-model, and every unusable file ends
+# in one stderr line and exit status 2.
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Image and concept folders (RGB 28 px; class "b" and "present" carry a red square)."""
+    root = tmp_path_factory.mktemp("audit")
+    rng = np.random.RandomState(0)
+
+    def img(k, i):
+        a = (rng.rand(28, 28, 3) * 80).astype(np.uint8)
+        if k == 1:
+            a[20:26, 20:26] = [255, 0, 0]
+        return a
+
+    _write_pngs(root / "concept", ["absent", "present"], 6, img)
+    _write_pngs(root / "images", ["a", "b"], 4, img)
+    return ["--images", str(root / "images"), "--concept", str(root / "concept"),
+            "--layer", "features.6", "--device", "cpu"]
+
+
+def _small_cnn():
+    from skdebias.models import SmallCNN
+
+    torch.manual_seed(0)
+    return SmallCNN()  # the defaults: what --arch skdebias.models:SmallCNN builds
+
+
+def _audit_error(capsys, argv):
+    """Exit status and stderr of ``skdebias audit`` with ``argv``, which must fail."""
+    capsys.readouterr()
+    # a warning would print more lines on a real stderr (torch warns about damaged pickles)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as info:
+        warnings.simplefilter("always")
+        main(["audit", *argv])
+    assert [str(w.message) for w in caught] == []
+    return info.value.code, capsys.readouterr().err
+
+
+def _assert_one_line(err, *names):
+    assert err.startswith("skdebias audit: error: ") and err.endswith("\n")
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for name in names:
+        assert name in err
+
+
+def test_audit_state_dict_with_arch_matches_the_whole_network(tmp_path, folders, capsys):
+    net = _small_cnn()
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    torch.save(net, tmp_path / "full.pt")
+    assert main(["audit", "--model", str(tmp_path / "sd.pt"), "--arch", "skdebias.models:SmallCNN",
+                 *folders, "--json", str(tmp_path / "sd.json")]) == 0
+    assert main(["audit", "--model", str(tmp_path / "full.pt"), "--trust-model", *folders,
+                 "--json", str(tmp_path / "full.json")]) == 0
+    from_sd = json.loads((tmp_path / "sd.json").read_text())
+    assert [r["class"] for r in from_sd["rows"]] == ["a", "b"]
+    # the same weights give the same audit, so the state dict was loaded, not random weights
+    assert from_sd == json.loads((tmp_path / "full.json").read_text())
+
+
+def test_audit_torchvision_arch_reads_the_number_of_classes(tmp_path, folders):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.get_model("resnet18", weights=None, num_classes=3)
+    torch.save(net.state_dict(), tmp_path / "r18.pt")
+    res = run_audit(str(tmp_path / "r18.pt"), folders[1], folders[3], "layer4", device="cpu",
+                    verbose=False, arch="resnet18")
+    assert [r["n"] for r in res["rows"]] == [4, 4]
+
+
+def test_audit_refuses_a_whole_pickle_without_trust_model(tmp_path, folders, capsys):
+    torch.save(_small_cnn(), tmp_path / "full.pt")
+    code, err = _audit_error(capsys, ["--model", str(tmp_path / "full.pt"), *folders])
+    assert code == 2
+    _assert_one_line(err, "full.pt", "--arch", "--trust-model")
+
+
+def test_audit_state_dict_without_arch_asks_for_it(tmp_path, folders, capsys):
+    torch.save(_small_cnn().state_dict(), tmp_path / "sd.pt")
+    code, err = _audit_error(capsys, ["--model", str(tmp_path / "sd.pt"), *folders])
+    assert code == 2
+    _assert_one_line(err, "sd.pt", "state dict", "--arch")
+
+
+def _missing(path):
+    pass
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _corrupt(path):
+    # a pickle header then garbage: torch warns about the protocol before failing
+    path.write_bytes(b"\x80\x04" + np.random.RandomState(0).bytes(256))
+
+
+def _mismatched(path):
+    sd = _small_cnn().state_dict()
+    del sd["features.0.bias"]
+    sd["extra.weight"] = torch.zeros(2, 2)
+    torch.save(sd, path)
+
+
+@pytest.mark.parametrize("make, arch, names", [
+    (_missing, "skdebias.models:SmallCNN", ["m.pt", "no such file"]),
+    (_empty, "skdebias.models:SmallCNN", ["m.pt", "empty"]),
+    (_corrupt, "skdebias.models:SmallCNN", ["m.pt", "not a file written by torch.save"]),
+    (_mismatched, "skdebias.models:SmallCNN",
+     ["m.pt", "features.0.bias", "extra.weight", "skdebias.models:SmallCNN"]),
+    (_mismatched, "resnet19", ["resnet19", "resnet18"]),
+    (_mismatched, "skdebias.models:NoSuchNet", ["skdebias.models:NoSuchNet", "no attribute"]),
+], ids=["missing", "empty", "corrupt", "mismatched-keys", "unknown-torchvision-arch",
+        "unknown-class-arch"])
+def test_audit_model_file_problems_end_in_one_line(tmp_path, folders, capsys, make, arch, names):
+    make(tmp_path / "m.pt")
+    code, err = _audit_error(capsys, ["--model", str(tmp_path / "m.pt"), "--arch", arch, *folders])
+    assert code == 2
+    _assert_one_line(err, *names)
+
+
+def test_audit_help_documents_exit_codes_and_trust(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["audit", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit status" in out and "--arch" in out
+    assert "--trust-model" in out and "runs any code" in out

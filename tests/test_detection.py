@@ -1,4 +1,4 @@
-"""SpectralRelevanceAnalysis (SpRAy) and the plots of the spuriosity/SpRAy results."""
+"""SpectralRelevanceAnalysis (SpRAy): eigengap, clustering, concept labels from clusters."""
 
 import matplotlib
 
@@ -9,13 +9,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from sklearn.base import clone  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
-from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 from torch import nn  # noqa: E402
 
 from _nets import AnyWidth  # noqa: E402
 from skdebias import ActivationExtractor, CAVEstimator, SpectralRelevanceAnalysis  # noqa: E402
 from skdebias.detection import spectral_embedding_eigengap  # noqa: E402
-from skdebias.plotting import plot_spray_embedding, plot_spuriosity_grid  # noqa: E402
+from skdebias.plotting import plot_spray_embedding  # noqa: E402
 
 
 def two_strategies(n=60, seed=0):
@@ -107,17 +106,15 @@ def test_spray_labels_must_be_network_outputs():
         SpectralRelevanceAnalysis(net, method="gradient").fit(X, y + 4)
 
 
-@parametrize_with_checks(
-    [SpectralRelevanceAnalysis(AnyWidth(), method="gradient_x_input", n_neighbors=3,
-                               device="cpu", random_state=0)],
-    expected_failed_checks=lambda est: {
-        "check_estimators_overwrite_params":
-            "joblib.hash of a torch module differs between deep copies; that the network is "
-            "not modified is tested in test_acceptance_spray_artifact_class",
-        "check_dtype_object": "y must hold the network's class indices (3 outputs)",
-    })
-def test_sklearn_compatible_spray(estimator, check):
-    check(estimator)
+def test_spray_cluster_errors_name_the_given_value():
+    rng = np.random.RandomState(0)
+    X = np.r_[rng.randn(15, 2) + 4, rng.randn(15, 2) - 4].astype("float32")
+    y = np.zeros(30, dtype=int)
+    spray = SpectralRelevanceAnalysis(AnyWidth(), method="gradient_x_input", n_clusters=2,
+                                      n_neighbors=5, device="cpu", random_state=0).fit(X, y)
+    for bad in (0.7, -1, 2, True):
+        with pytest.raises(ValueError, match=rf"cluster \[{bad!r}\] does not exist"):
+            spray.concept_labels_for(bad)
 
 
 # ------------------------------------------------------------------ acceptance on artifact digits
@@ -149,29 +146,3 @@ def test_acceptance_spray_artifact_class(artifact_data, artifact_net):
     # plots
     fig = plot_spray_embedding(spray, class_=0, concept=artifact_data.concept)
     assert len(fig.axes) == 2 and len(fig.axes[0].collections) >= 2
-
-
-def test_plot_spuriosity_grid():
-    rng = np.random.RandomState(0)
-    X = rng.rand(30, 3, 8, 8).astype(np.float32)
-    y = np.repeat([0, 1, 2], 10)
-    s = rng.rand(30)
-    s[y == 2] = np.nan
-    fig = plot_spuriosity_grid(X, y, s, n=3, class_names={0: "zero", 1: "one"})
-    assert len(fig.axes) == 2 * 6  # classes 0 and 1, 3 + 3 images each
-    ax = fig.axes[0]
-    assert ax.get_ylabel() == "zero"
-    # the first column holds the lowest, the last the highest spuriosity of the class
-    assert float(fig.axes[0].get_title()) == pytest.approx(np.nanmin(s[y == 0]), abs=5e-3)
-    assert float(fig.axes[5].get_title()) == pytest.approx(np.nanmax(s[y == 0]), abs=5e-3)
-    with pytest.raises(ValueError, match="spuriosity has 29 entries"):
-        plot_spuriosity_grid(X, y, s[:-1])
-    with pytest.raises(ValueError, match="No class has finite spuriosity"):
-        plot_spuriosity_grid(X, y, np.full(30, np.nan))
-    # a sequence names every class of y (sorted), also when a class is not plotted
-    s_first_nan = rng.rand(30)
-    s_first_nan[y == 0] = np.nan
-    fig = plot_spuriosity_grid(X, y, s_first_nan, n=1, class_names=["zero", "one", "two"])
-    assert [fig.axes[2 * r].get_ylabel() for r in range(2)] == ["one", "two"]
-    with pytest.raises(ValueError, match="class_names has 2 names but y has 3 classes"):
-        plot_spuriosity_grid(X, y, s, n=1, class_names=["zero", "one"])

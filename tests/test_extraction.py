@@ -1,4 +1,4 @@
-"""ActivationExtractor and the shared torch helpers it stands on."""
+"""ActivationExtractor: pooled activations of a layer, as an sklearn transformer."""
 
 import pickle
 
@@ -7,33 +7,12 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
-from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
+from _nets import inplace_net
 from skdebias import ActivationExtractor, CAVEstimator
-from skdebias._torch import (
-    capture_output,
-    copy_module,
-    find_layer,
-    get_module,
-    iter_batches,
-    layer_inputs,
-    preserve_mode,
-    resolve_device,
-    stop_after,
-)
+from skdebias._utils._modules import find_layer
 from skdebias.models import SmallCNN, make_classifier, torchvision_model
-
-
-@pytest.fixture
-def images():
-    return np.random.RandomState(0).rand(20, 3, 28, 28).astype(np.float32)
-
-
-@pytest.fixture
-def cnn():
-    torch.manual_seed(0)
-    return SmallCNN()
 
 
 def reference_activations(module, layer, X):
@@ -45,90 +24,6 @@ def reference_activations(module, layer, X):
         module(torch.as_tensor(X))
     handle.remove()
     return store["a"]
-
-
-# ------------------------------------------------------------------ helpers
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
-    with pytest.raises(ValueError, match="device='gpu0' is not valid"):
-        resolve_device("gpu0")
-    with pytest.raises(ValueError, match="device=3 is not valid"):
-        resolve_device(3)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
-def test_resolve_device_cuda_missing():
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        resolve_device("cuda")
-
-
-def test_find_layer_lists_close_names(cnn):
-    assert find_layer(cnn, "features.6") is cnn.features[6]
-    with pytest.raises(ValueError, match=r"Unknown layer 'feature.6'.*'features.6'"):
-        find_layer(cnn, "feature.6")
-    with pytest.raises(ValueError, match="Unknown layer ''"):
-        find_layer(cnn, "")
-
-
-def test_capture_output_removes_hook_even_on_error(cnn):
-    layer = cnn.features[6]
-    with pytest.raises(RuntimeError):
-        with capture_output(layer):
-            raise RuntimeError("boom")
-    assert len(layer._forward_hooks) == 0
-    with capture_output(layer, stop=True) as store, stop_after():
-        cnn(torch.zeros(2, 3, 28, 28))
-    assert store[0].shape == (2, 64, 7, 7)
-    assert len(layer._forward_hooks) == 0
-
-
-def test_stop_early_skips_later_layers(cnn):
-    calls = []
-    handle = cnn.classifier.register_forward_hook(lambda *a: calls.append(1))
-    with capture_output(cnn.features[2], stop=True), stop_after():
-        cnn(torch.zeros(1, 3, 28, 28))
-    handle.remove()
-    assert calls == []
-
-
-def test_preserve_mode_restores_mixed_flags(cnn):
-    cnn.train()
-    cnn.features[0].eval()
-    with preserve_mode(cnn, train=False):
-        assert not any(m.training for m in cnn.modules())
-    assert cnn.training and not cnn.features[0].training and cnn.features[3].training
-
-
-def test_copy_module_is_independent(cnn):
-    copy = copy_module(cnn)
-    with torch.no_grad():
-        copy.features[0].weight.add_(1.0)
-    assert not torch.equal(copy.features[0].weight, cnn.features[0].weight)
-
-
-def test_iter_batches_all_inputs(images):
-    y = np.arange(20)
-    for X in (images, torch.as_tensor(images), torch.utils.data.TensorDataset(torch.as_tensor(images))):
-        got = list(iter_batches(X, batch_size=7))
-        assert [b.shape[0] for b in got] == [7, 7, 6]
-        np.testing.assert_allclose(torch.cat(got).numpy(), images)
-    pairs = list(iter_batches(images, batch_size=8, y=y))
-    np.testing.assert_array_equal(torch.cat([p[1] for p in pairs]).numpy(), y)
-    sub = list(iter_batches(images, batch_size=4, indices=[3, 1]))
-    np.testing.assert_allclose(sub[0].numpy(), images[[3, 1]])
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        list(iter_batches(images, batch_size=0))
-
-
-def test_get_module_does_not_initialise_callers_net():
-    net = make_classifier(SmallCNN)
-    module = get_module(net)
-    assert isinstance(module, SmallCNN)
-    assert not getattr(net, "initialized_", False)
-    with pytest.raises(TypeError, match="torch.nn.Module or a skorch NeuralNet"):
-        get_module("resnet")
 
 
 # ------------------------------------------------------------------ extractor
@@ -204,7 +99,7 @@ def test_progress_bar(cnn, images, capsys, monkeypatch):
     # conftest sets TQDM_DISABLE=1, which tqdm reads once when first imported (whichever test
     # imports it first): force the bar on here, whatever the test order
     monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.auto.tqdm, disable=False))
-    ActivationExtractor(cnn, "features.6", progress=True, batch_size=5, device="cpu").fit_transform(images)
+    ActivationExtractor(cnn, "features.6", verbose=1, batch_size=5, device="cpu").fit_transform(images)
     assert "activations" in capsys.readouterr().err
 
 
@@ -249,9 +144,12 @@ def test_input_errors(cnn, images):
         ext.fit(np.zeros(5, dtype=np.float32))
     bad = images.copy()
     bad[0, 0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match="Input X contains NaN"):
+    bad[3, 1, 2, 2] = np.inf
+    with pytest.raises(ValueError,
+                       match=r"Input X contains NaN or infinity \(first at sample 0\)"):
         ext.fit(bad)
-    with pytest.raises(ValueError, match="contains NaN, infinity"):
+    bad[0, 0, 0, 0] = 0.0
+    with pytest.raises(ValueError, match=r"contains NaN or infinity \(first at sample 3\)"):
         ext.fit(torch.as_tensor(bad))
     ext.fit(images)
     with pytest.raises(ValueError, match=r"per-sample shape \(3, 14, 14\)"):
@@ -288,57 +186,10 @@ def test_torchvision_architectures(name, layer):
     assert CAVEstimator().fit(A, t).cav_.shape == (A.shape[1],)
 
 
-def test_torchvision_unknown_name():
-    with pytest.raises(ValueError, match="Unknown torchvision model 'resnet19'"):
-        torchvision_model("resnet19")
-
-
-# ------------------------------------------------------------------ sklearn checks
-class _Tabular(nn.Module):
-    """Accepts (n, n_features) input so sklearn's generic checks can drive the extractor."""
-
-    def __init__(self):
-        super().__init__()
-        self.act = nn.Identity()
-
-    def forward(self, x):
-        return self.act(x) * 2.0
-
-
-# The extractor passes every generic check: no expected failures to list.
-@parametrize_with_checks([ActivationExtractor(_Tabular(), "act", device="cpu")])
-def test_sklearn_compatible_extractor(estimator, check):
-    check(estimator)
-
-
-# ------------------------------------------------------------------ layer_inputs memory layout
-class _ViewNet(nn.Module):
-    """Calls ``.view`` on a convolution output: fails on channels_last activations."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 8 * 8, 5)
-
-    def forward(self, x):
-        h = self.conv(x)
-        return self.head(h.view(h.shape[0], -1))
-
-
-@pytest.mark.parametrize("make", [SmallCNN, _ViewNet])
-def test_layer_inputs_same_features_in_either_layout(make):
-    torch.manual_seed(0)
-    net = make().eval()
-    X = np.random.RandomState(0).rand(10, 3, 8, 8).astype(np.float32)
-    head = "classifier.2" if isinstance(net, SmallCNN) else "head"
-    feats = layer_inputs(net, head, X, batch_size=4, device=torch.device("cpu"))
-    # reference: the hooked input of the head, computed by hand in the batch's own layout
-    seen = []
-    hook = get_module(net).get_submodule(head).register_forward_hook(
-        lambda m, inp, out: seen.append(inp[0].reshape(len(inp[0]), -1)))
-    with torch.no_grad():
-        net(torch.as_tensor(X))
-    hook.remove()
-    np.testing.assert_allclose(feats.numpy(), seen[0].numpy(), rtol=1e-5, atol=1e-6)
-    # the module itself is left in its own layout
-    assert all(p.is_contiguous() for p in net.parameters())
+def test_extractor_refit_drops_n_features_in():
+    vec = nn.Sequential(nn.Linear(5, 3))
+    ext = ActivationExtractor(vec, "0", device="cpu").fit(np.ones((4, 5), dtype="float32"))
+    assert ext.n_features_in_ == 5
+    ext.set_params(estimator=inplace_net(), layer="1").fit(np.ones((2, 1, 8, 8), dtype="float32"))
+    assert not hasattr(ext, "n_features_in_")
+    assert ext.input_shape_ == (1, 8, 8)

@@ -81,3 +81,8 @@ def test_torchvision_weights_come_from_the_cache_only(hub_dir):
     assert small.fc.out_features == 3
     torch.testing.assert_close(small.conv1.weight, reference.conv1.weight)
     assert torchvision_model("resnet18").fc.out_features == 10  # random weights: the digits
+
+
+def test_torchvision_unknown_name():
+    with pytest.raises(ValueError, match="Unknown torchvision model 'resnet19'"):
+        torchvision_model("resnet19")

@@ -1,4 +1,5 @@
-"""FastModelDebiaser (FMD) and counterfactual_bias."""
+"""FastModelDebiaser (FMD): the Hessian and gradient algebra, debiasing on tabular data and
+on colored digits."""
 
 import copy
 import pickle
@@ -7,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
-from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
-from skdebias._torch import limit_threads
+from _nets import flip_last_feature
+from skdebias._utils._runtime import limit_threads
 from skdebias.correction import FastModelDebiaser, softmax_cross_entropy_hessian
 from skdebias.correction._fmd import (
     _augment, _bias_and_gradient, _HessianBuilder, _loss_gradients)
@@ -101,25 +102,6 @@ class _Tabular(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
-
-
-class _FlipLastFeature:
-    """Counterfactual for tabular data: the sign of the last feature flipped.
-
-    A class with a fixed repr, so the sklearn-check test ids are the same in every process
-    (pytest-xdist workers must collect identical ids; a function's repr holds its address).
-    """
-
-    def __call__(self, X):
-        X_cf = np.array(X, dtype=np.float32, copy=True)
-        X_cf[:, -1] *= -1
-        return X_cf
-
-    def __repr__(self):
-        return "flip_last_feature"
-
-
-flip_last_feature = _FlipLastFeature()
 
 
 @pytest.fixture
@@ -224,7 +206,7 @@ def test_fmd_errors(tabular):
     with pytest.raises(ValueError, match="Unknown layer 'hed'"):
         FastModelDebiaser(net, layer="hed").fit(X, y, X_cf=X)
     with pytest.raises(ValueError, match="not the network's output"):
-        FastModelDebiaser(nn.Sequential(net, nn.Softmax(dim=1))).fit(X, y, X_cf=X)
+        FastModelDebiaser(nn.Sequential(net, nn.Tanh())).fit(X, y, X_cf=X)
     for bad in [dict(damping=-1), dict(step_size=0), dict(max_iter=0), dict(n_pairs=1),
                 dict(max_accuracy_drop=1.5), dict(validation_fraction=1.0),
                 dict(counterfactual="flip")]:
@@ -274,70 +256,3 @@ def test_fmd_on_colored_digits(colored_data, colored_net):
     assert scores.shape == (len(idx),) and np.all(np.isfinite(scores))
     aligned = colored_data.concept[idx] == 1
     assert scores[aligned].mean() > scores[~aligned].mean()
-
-
-# ------------------------------------------------------------------ counterfactual_bias
-def test_counterfactual_bias_values():
-    class Fixed(nn.Module):
-        def forward(self, x):
-            return torch.log(x[:, :2])
-
-    X = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
-    X_cf = np.array([[0.5, 0.5], [0.6, 0.4]], dtype=np.float32)
-    y = np.array([0, 1])
-    assert counterfactual_bias(Fixed(), X, X_cf, y) == pytest.approx((0.4 + 0.4) / 2, abs=1e-6)
-    assert counterfactual_bias(Fixed(), X, X_cf, y, signed=True) == pytest.approx(0.4, abs=1e-6)
-    assert counterfactual_bias(Fixed(), X_cf, X, y, signed=True) == pytest.approx(-0.4, abs=1e-6)
-    with pytest.raises(ValueError, match="same shape as X"):
-        counterfactual_bias(Fixed(), X, X_cf[:1], y)
-    with pytest.raises(ValueError, match="y has 1 labels"):
-        counterfactual_bias(Fixed(), X, X_cf, y[:1])
-    with pytest.raises(ValueError,
-                       match=r"labels \[2\] that are not among the network.s classes \[0, 1\]"):
-        counterfactual_bias(Fixed(), X, X_cf, np.array([0, 2]))
-
-
-# ------------------------------------------------------------------ sklearn checks
-def _expected_failures(estimator):
-    reason = ("FMD does not train a classifier: it only adjusts the last layer of a fixed, "
-              "here untrained, network to lower the counterfactual bias, so it cannot reach "
-              "the accuracy these checks ask for")
-    labels = ("the network's outputs are fixed class indices 0..K-1; other labels (strings, "
-              "arbitrary integers) cannot be mapped onto them")
-    return {
-        "check_classifiers_train": reason,
-        "check_classifiers_one_label": reason,
-        "check_classifiers_classes": labels,
-        "check_dtype_object": labels,
-        "check_classifiers_regression_target": "float targets are accepted when integral; "
-                                               "the check expects them to be refused",
-        "check_supervised_y_2d": labels,
-        "check_estimators_overwrite_params": (
-            "joblib.hash of torch tensors differs between a module and its deep copy, so the "
-            "check flags an unchanged network; test_fmd_lowers_bias_on_tabular checks that the "
-            "caller's network is untouched"),
-    }
-
-
-class _AnyWidth(nn.Module):
-    """Takes any number of input features (summarised by 3 statistics), 3 outputs."""
-
-    def __init__(self):
-        super().__init__()
-        with torch.random.fork_rng():  # fixed weights: the sklearn checks must not depend on import order
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Linear(3, 8), nn.Tanh())
-            self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        stats = torch.stack([x.mean(dim=1), x[:, 0], x[:, -1]], dim=1)
-        return self.head(self.body(stats))
-
-
-@parametrize_with_checks(
-    [FastModelDebiaser(_AnyWidth(), counterfactual=flip_last_feature, device="cpu",
-                       random_state=0)],
-    expected_failed_checks=_expected_failures)
-def test_sklearn_compatible_fmd(estimator, check):
-    torch.manual_seed(0)
-    check(estimator)

@@ -1,0 +1,122 @@
+"""skdebias.attribution: attribution maps (zennit LRP, gradient, gradient x input)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from _nets import inplace_net
+from skdebias.attribution import ATTRIBUTION_METHODS, attribute, resolve_composite
+from skdebias.metrics import artifact_relevance
+
+
+def test_attribution_multiplies_the_original_input(gray_images):
+    X = gray_images
+    # first layer in-place ReLU: the gradient is zero where the input is negative, and
+    # gradient x input must use the unclamped input (so it is zero there too, but positive
+    # inputs keep their value); compare with a network without the in-place op
+    net_inplace = inplace_net(inplace_first=True)
+    net_plain = inplace_net(inplace_first=False)
+    R_inplace = attribute(net_inplace, X, target=0, method="gradient_x_input", device="cpu")
+    R_plain = attribute(net_plain, X, target=0, method="gradient_x_input", device="cpu")
+    np.testing.assert_allclose(R_inplace, R_plain, rtol=1e-5, atol=1e-7)
+    R_pred = attribute(net_inplace, X, target=None, method="gradient_x_input", device="cpu")
+    R_pred_plain = attribute(net_plain, X, target=None, method="gradient_x_input", device="cpu")
+    np.testing.assert_allclose(R_pred, R_pred_plain, rtol=1e-5, atol=1e-7)
+
+
+def test_attribute_and_artifact_relevance_refuse_empty_input():
+    empty = np.zeros((0, 1, 8, 8), dtype="float32")
+    with pytest.raises(ValueError, match="X: Found array with 0 sample"):
+        attribute(inplace_net(), empty, device="cpu")
+    with pytest.raises(ValueError, match="X: Found array with 0 sample"):
+        artifact_relevance(inplace_net(), empty, np.zeros((8, 8)), method="gradient", device="cpu")
+
+
+def _linear_net():
+    """Flatten -> Linear(8, 3) with known weights, for (n, 2, 2, 2) input."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.arange(24, dtype=torch.float32).reshape(3, 8) - 10.0)
+        net[1].bias.copy_(torch.tensor([0.5, -0.5, 0.0]))
+    return net
+
+
+def _conv_net(bias=True):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=bias), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3, bias=bias))
+
+
+@pytest.mark.parametrize("method", ATTRIBUTION_METHODS)
+def test_attribution_shapes(method):
+    X = np.random.RandomState(0).rand(5, 3, 8, 8).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "lrp" must not fall back
+        maps = attribute(_conv_net(), X, method=method, batch_size=2, device="cpu")
+        full = attribute(_conv_net(), X, method=method, batch_size=2, device="cpu",
+                         reduce_channels=False)
+    assert maps.shape == (5, 8, 8) and maps.dtype == np.float32
+    assert full.shape == (5, 3, 8, 8) and full.dtype == np.float32
+    np.testing.assert_allclose(full.sum(axis=1), maps, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(maps).all() and np.abs(maps).sum() > 0
+
+
+def test_gradient_and_gradient_x_input_by_hand():
+    net = _linear_net()
+    X = np.random.RandomState(0).randn(3, 2, 2, 2).astype(np.float32)
+    target = np.array([0, 2, 1])
+    W = net[1].weight.detach().numpy()
+    grad = W[target].reshape(3, 2, 2, 2)  # d logit_t / d x of a linear layer
+    got = attribute(net, X, target=target, method="gradient", reduce_channels=False, device="cpu")
+    np.testing.assert_allclose(got, grad, rtol=1e-6)
+    got = attribute(net, X, target=target, method="gradient_x_input", reduce_channels=False,
+                    device="cpu")
+    np.testing.assert_allclose(got, grad * X, rtol=1e-5, atol=1e-6)
+    got = attribute(net, X, target=target, method="gradient_x_input", device="cpu")
+    np.testing.assert_allclose(got, (grad * X).sum(axis=1), rtol=1e-5, atol=1e-6)
+    # an int target explains that class for every sample; None the predicted class
+    got = attribute(net, X, target=1, method="gradient", reduce_channels=False, device="cpu")
+    np.testing.assert_allclose(got, np.broadcast_to(W[1].reshape(2, 2, 2), got.shape))
+    pred = net(torch.as_tensor(X)).argmax(1).numpy()
+    got = attribute(net, X, target=None, method="gradient", reduce_channels=False, device="cpu")
+    np.testing.assert_allclose(got, W[pred].reshape(3, 2, 2, 2))
+
+
+def test_lrp_conserves_the_explained_output():
+    # without biases, the relevance of the explained logit (1, the one-hot) is conserved
+    X = np.random.RandomState(0).rand(4, 3, 8, 8).astype(np.float32)
+    maps = attribute(_conv_net(bias=False), X, target=0, method="lrp", device="cpu")
+    np.testing.assert_allclose(maps.reshape(4, -1).sum(axis=1), np.ones(4), rtol=2e-3)
+
+
+def test_attribute_leaves_the_network_alone():
+    net = _conv_net()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    attribute(net, np.random.RandomState(0).rand(2, 3, 8, 8).astype(np.float32), device="cpu")
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(not m._forward_hooks and not m._backward_hooks for m in net.modules())
+
+
+def test_resolve_composite():
+    from zennit.composites import EpsilonPlusFlat
+
+    assert isinstance(resolve_composite("EpsilonPlusFlat"), EpsilonPlusFlat)
+    assert isinstance(resolve_composite("epsilon_plus_flat"), EpsilonPlusFlat)
+    assert isinstance(resolve_composite(EpsilonPlusFlat), EpsilonPlusFlat)
+    comp = EpsilonPlusFlat()
+    assert resolve_composite(comp) is comp
+    with pytest.raises(ValueError, match="Unknown zennit composite 'Nope'; choose one of"):
+        resolve_composite("Nope")
+    with pytest.raises(ValueError, match="composite must be a name, a zennit Composite class"):
+        resolve_composite(3)
+
+
+def test_attribute_method_error():
+    with pytest.raises(ValueError, match=r"method='saliency' is not valid; choose one of "
+                                         r"\('lrp', 'gradient_x_input', 'gradient'\)"):
+        attribute(_linear_net(), np.zeros((1, 2, 2, 2), np.float32), method="saliency")

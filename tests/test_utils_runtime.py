@@ -1,0 +1,80 @@
+"""skdebias._utils._runtime: devices, seeds, progress bars, CPU threads."""
+
+import pytest
+import torch
+
+from skdebias._utils._runtime import limit_threads, progress_bar, resolve_device, set_seed
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(ValueError, match="device='gpu0' is not valid"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="device=3 is not valid"):
+        resolve_device(3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
+def test_resolve_device_cuda_missing():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_resolve_device_takes_a_torch_device():
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device(None) == resolve_device("auto")
+
+
+def test_set_seed_none_leaves_the_global_generator_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    assert set_seed(None) is None
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_set_seed_returns_a_seeded_generator_and_seeds_torch():
+    draws = []
+    for seed in (3, 3, 4):
+        gen = set_seed(seed)
+        assert isinstance(gen, torch.Generator)
+        draws.append((torch.rand(3, generator=gen), torch.rand(3)))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    assert not torch.equal(draws[0][0], draws[2][0])
+    assert not torch.equal(draws[0][1], draws[2][1])
+
+
+def test_progress_bar_off_returns_the_iterable_itself():
+    items = [1, 2, 3]
+    assert progress_bar(items, 0) is items
+    assert progress_bar(items, False, total=3, desc="x") is items
+
+
+def test_progress_bar_on_wraps_the_iterable_in_tqdm():
+    from tqdm.auto import tqdm
+
+    bar = progress_bar(iter([1, 2]), 1, total=2, desc="batches")
+    assert isinstance(bar, tqdm) and bar.total == 2
+    assert list(bar) == [1, 2]
+
+
+def test_limit_threads_restores_the_count_also_after_an_error():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with limit_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), limit_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        with limit_threads(8):  # a limit never raises the count
+            assert torch.get_num_threads() == 2
+        with limit_threads(1):  # set inside the block: the setting from before comes back
+            torch.set_num_threads(3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
