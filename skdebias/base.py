@@ -71,10 +71,18 @@ def atomic_fit(fit):
 class BaseNetworkEstimator(BaseEstimator):
     """Base of every estimator whose ``estimator`` parameter is a trained network.
 
-    Subclasses store ``estimator``, ``batch_size``, ``device`` (and, where
-    training or sampling is random, ``random_state``) in ``__init__``; decorate
-    ``fit`` with :func:`atomic_fit`; call :meth:`_validate_X` on every input.
+    Subclasses pass ``estimator``, ``batch_size``, ``device`` and ``verbose``
+    to this ``__init__`` and store their other parameters (``random_state``
+    where training or sampling is random) themselves; decorate ``fit`` with
+    :func:`atomic_fit`; call :meth:`_validate_X` on every input.
     """
+
+    def __init__(self, estimator, batch_size, device, verbose):
+        # the parameters every wrapper shares; subclasses store the rest themselves
+        self.estimator = estimator
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
 
     def __sklearn_clone__(self):
         # ``clone`` would turn a fitted skorch net into an unfitted one (new random weights);

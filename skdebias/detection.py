@@ -178,7 +178,7 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
     def __init__(self, estimator, classes=None, method="lrp", composite="EpsilonPlusFlat",
                  map_size=14, normalize="l2", n_neighbors=10, n_clusters=None, max_clusters=8,
                  batch_size=64, device="auto", random_state=None, verbose=0):
-        self.estimator = estimator
+        super().__init__(estimator, batch_size, device, verbose)
         self.classes = classes
         self.method = method
         self.composite = composite
@@ -187,10 +187,7 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
         self.n_neighbors = n_neighbors
         self.n_clusters = n_clusters
         self.max_clusters = max_clusters
-        self.batch_size = batch_size
-        self.device = device
         self.random_state = random_state
-        self.verbose = verbose
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

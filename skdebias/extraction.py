@@ -89,12 +89,9 @@ class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
 
     def __init__(self, estimator, layer, pooling="max", batch_size=128, device="auto",
                  verbose=0):
-        self.estimator = estimator
+        super().__init__(estimator, batch_size, device, verbose)
         self.layer = layer
         self.pooling = pooling
-        self.batch_size = batch_size
-        self.device = device
-        self.verbose = verbose
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

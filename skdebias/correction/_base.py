@@ -293,22 +293,19 @@ class _CAVCorrector(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEstimato
     def __init__(self, estimator, layer, cav, train_layers, max_epochs, lr, batch_size,
                  optimizer, callbacks, validation_fraction, net_params, output, max_grad_norm,
                  device, random_state, verbose):
-        self.estimator = estimator
+        super().__init__(estimator, batch_size, device, verbose)
         self.layer = layer
         self.cav = cav
         self.train_layers = train_layers
         self.max_epochs = max_epochs
         self.lr = lr
-        self.batch_size = batch_size
         self.optimizer = optimizer
         self.callbacks = callbacks
         self.validation_fraction = validation_fraction
         self.net_params = net_params
         self.output = output
         self.max_grad_norm = max_grad_norm
-        self.device = device
         self.random_state = random_state
-        self.verbose = verbose
 
     def _check_common(self):
         if not isinstance(self.layer, str):

@@ -224,12 +224,12 @@ class ClassArtifactCompensator(_CAVCorrector):
                  optimizer=None, train_layers="after", callbacks=None,
                  validation_fraction=0.0, net_params=None, output="auto", max_grad_norm=100.0,
                  device="auto", random_state=None, verbose=0):
-        super().__init__(estimator, layer, cav, train_layers, max_epochs, lr, batch_size,
-                         optimizer, callbacks, validation_fraction, net_params, output,
-                         max_grad_norm, device, random_state, verbose)
         self.mode = mode
         self.reference = reference
         self.pooling = pooling
+        super().__init__(estimator, layer, cav, train_layers, max_epochs, lr, batch_size,
+                         optimizer, callbacks, validation_fraction, net_params, output,
+                         max_grad_norm, device, random_state, verbose)
 
     def _check_params(self):
         check_choice("mode", self.mode, CLARC_MODES)

@@ -320,7 +320,7 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
                  max_halvings=8, max_accuracy_drop=0.02, refresh_hessian=True, n_pairs=500,
                  validation_fraction=0.2, counterfactual=None, batch_size=256, device="auto",
                  random_state=None, verbose=0):
-        self.estimator = estimator
+        super().__init__(estimator, batch_size, device, verbose)
         self.layer = layer
         self.damping = damping
         self.step_size = step_size
@@ -331,10 +331,7 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         self.n_pairs = n_pairs
         self.validation_fraction = validation_fraction
         self.counterfactual = counterfactual
-        self.batch_size = batch_size
-        self.device = device
         self.random_state = random_state
-        self.verbose = verbose
 
     # ---------------------------------------------------------------- validation
     def _check_params(self):

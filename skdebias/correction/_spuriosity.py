@@ -193,7 +193,7 @@ class SpuriosityHeadFinetuner(ClassifierMixin, NetworkClassifierMixin, BaseNetwo
                  max_accuracy_drop=0.02, val_k=10, validation_fraction=0.25, max_epochs=300,
                  lr=1e-3, weight_decay=0.0, batch_size=64, device="auto", random_state=None,
                  verbose=0):
-        self.estimator = estimator
+        super().__init__(estimator, batch_size, device, verbose)
         self.ranker = ranker
         self.layer = layer
         self.k = k
@@ -205,10 +205,7 @@ class SpuriosityHeadFinetuner(ClassifierMixin, NetworkClassifierMixin, BaseNetwo
         self.max_epochs = max_epochs
         self.lr = lr
         self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.device = device
         self.random_state = random_state
-        self.verbose = verbose
 
     # ------------------------------------------------------------------ validation
     def _check_params(self):
