@@ -54,7 +54,8 @@ def format_table(rows, columns=None, floatfmt=".3f", title=None):
 
 
 def _jsonable(obj):
-    """``obj`` with numpy values as Python ones and NaN/inf floats as ``None`` (JSON null)."""
+    """``obj`` with numpy values as Python ones, NaN/inf floats as ``None`` (JSON null) and
+    classes as their dotted names."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -65,6 +66,8 @@ def _jsonable(obj):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, type):  # a setting such as optimizer=torch.optim.SGD: its dotted name
+        return f"{obj.__module__}.{obj.__qualname__}"
     return obj
 
 

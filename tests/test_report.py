@@ -111,3 +111,10 @@ def test_timer_and_mean_std():
         pass
     assert timer["x"] >= 0
     assert mean_std([1.0, 3.0], ".1f") == "2.0 ± 1.0"
+
+
+def test_write_json_writes_classes_by_name(tmp_path):
+    import torch
+
+    path = write_json(tmp_path / "r.json", {"optimizer": torch.optim.SGD})
+    assert json.loads(open(path).read())["optimizer"] == "torch.optim.sgd.SGD"
