@@ -47,7 +47,7 @@ from ._utils._training import DivergenceGuard
 from ._utils._validation import check_finite_samples, check_int, check_real, check_y
 
 __all__ = ["BaseNetworkEstimator", "NetworkClassifierMixin", "atomic_fit", "LayerCapture",
-           "HookedLossMixin", "DictInputClassifier", "INPUT_KEY", "BIAS_KEY"]
+           "HookedLossMixin", "InterruptibleMixin", "DictInputClassifier", "INPUT_KEY", "BIAS_KEY"]
 
 
 def atomic_fit(fit):
@@ -465,7 +465,31 @@ def _float_images(X, name="X"):
     return check_finite_samples(out, name=name)
 
 
-class DictInputClassifier(NeuralNetClassifier):
+class InterruptibleMixin:
+    """skorch net mixin: Ctrl-C (``KeyboardInterrupt``) ends ``fit`` with the interrupt.
+
+    skorch's ``partial_fit`` swallows the interrupt and returns a half-trained
+    net as if it were fitted; here skorch still runs ``on_train_end`` (hooks and
+    callbacks clean up), then the interrupt is raised again, so a script or a
+    ``GridSearchCV`` stops.
+    """
+
+    def fit_loop(self, X, y=None, **fit_params):
+        try:
+            return super().fit_loop(X, y, **fit_params)
+        except KeyboardInterrupt:
+            self._interrupted = True
+            raise
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        self._interrupted = False
+        super().partial_fit(X, y, classes=classes, **fit_params)
+        if self.__dict__.pop("_interrupted", False):
+            raise KeyboardInterrupt
+        return self
+
+
+class DictInputClassifier(InterruptibleMixin, NeuralNetClassifier):
     """A skorch ``NeuralNetClassifier`` whose images may come with per-sample side information.
 
     The input is an array, tensor or Dataset of images, or a dict

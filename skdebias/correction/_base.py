@@ -47,7 +47,7 @@ from .._utils._validation import (
     encode_y,
     unit_vector,
 )
-from ..base import BaseNetworkEstimator, NetworkClassifierMixin
+from ..base import BaseNetworkEstimator, InterruptibleMixin, NetworkClassifierMixin
 from ..concepts import CAVEstimator
 from ..extraction import ActivationExtractor
 
@@ -158,7 +158,7 @@ def resolve_cav(cav, module, layer, X, concept_labels, out_shape, batch_size, de
 
 
 # ------------------------------------------------------------------ skorch
-class _CorrectionNet(NeuralNetClassifier):
+class _CorrectionNet(InterruptibleMixin, NeuralNetClassifier):
     """NeuralNetClassifier that keeps ``eval_modules`` of the module in eval mode while training."""
 
     def __init__(self, module, *args, eval_modules=(), output_space="logits", **kwargs):
@@ -176,22 +176,6 @@ class _CorrectionNet(NeuralNetClassifier):
         if isinstance(self.criterion_, nn.CrossEntropyLoss):
             return NeuralNet.get_loss(self, logits, y_true, X=X, training=training)
         return NeuralNet.get_loss(self, y_pred, y_true, X=X, training=training)
-
-    def fit_loop(self, X, y=None, **fit_params):
-        try:
-            return super().fit_loop(X, y, **fit_params)
-        except KeyboardInterrupt:
-            # skorch's partial_fit swallows the interrupt and returns a half-trained net as if
-            # it were fitted; remember it and raise it again once skorch has cleaned up
-            self._interrupted = True
-            raise
-
-    def partial_fit(self, X, y=None, classes=None, **fit_params):
-        self._interrupted = False
-        super().partial_fit(X, y, classes=classes, **fit_params)
-        if self.__dict__.pop("_interrupted", False):
-            raise KeyboardInterrupt
-        return self
 
     def _set_training(self, training=True):
         super()._set_training(training)
