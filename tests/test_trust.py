@@ -291,3 +291,15 @@ def test_threaded_grid_search_is_reproducible(artifact_net, data):
         first, second = run(), run()
     for key in ("split0_test_score", "split1_test_score", "mean_test_score"):
         np.testing.assert_array_equal(first[key], second[key])
+
+
+@pytest.mark.parametrize("cls", ["EnDClassifier", "GroupBalancedClassifier"])
+def test_end_and_reweighting_stop_on_a_nan_loss(colored_data, cls):
+    import skdebias.correction as correction
+    from skdebias.models import SmallCNN
+
+    d = colored_data
+    net = getattr(correction, cls)(SmallCNN, lr=1e8, max_epochs=2, train_split=None,
+                                   optimizer=torch.optim.SGD, verbose=0)
+    with pytest.raises(DivergenceError, match=r"loss became nan: lower lr \(now 100000000"):
+        net.fit(d.X[:200], d.y[:200], bias=d.bias[:200])
