@@ -40,7 +40,7 @@ def run(net, data, concept, penalty, lr, max_grad_norm, epochs):
                                   optimizer=torch.optim.SGD, max_grad_norm=max_grad_norm,
                                   device="cpu", random_state=0)
     start = time.perf_counter()
-    row = {"penalty": penalty, "lr": lr,
+    row = {"penalty": f"{penalty:g}", "lr": f"{lr:g}",
            "clipping": "off" if max_grad_norm is None else f"{max_grad_norm:g}"}
     try:
         with warnings.catch_warnings():
