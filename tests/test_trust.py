@@ -71,7 +71,9 @@ def softmax_net(data):
     lambda net: GradientPenaltyCorrector(net, LAYER, penalty=1.0, max_epochs=0, device="cpu"),
     lambda net: ClassArtifactCompensator(net, LAYER, reference=0.0, cav=np.ones(8),
                                          device="cpu"),
-], ids=["RR-ClArC", "P-ClArC"])
+    lambda net: ClassArtifactCompensator(net, LAYER, mode="augmentative", max_epochs=1,
+                                         lr=1e-4, device="cpu", random_state=0),
+], ids=["RR-ClArC", "P-ClArC", "A-ClArC"])
 def test_softmax_network_probabilities_are_not_softmaxed_twice(softmax_net, data, make):
     X, y, c = data
     corrector = make(softmax_net).fit(X, y, concept_labels=c)
