@@ -102,7 +102,8 @@ class BaseNetworkEstimator(BaseEstimator):
 
     # ---------------------------------------------------------------- input
     def _validate_X(self, X, reset, name="X"):
-        """The one input check: ``X`` converted (array-likes to float ndarrays) and checked.
+        """The one input check (:func:`~skdebias._utils._data.check_input`): ``X`` checked, not
+        converted; batches are converted as they are read.
 
         With ``reset=True`` (in ``fit``) one sample goes through the network, so
         that an input the network cannot take is reported in terms of ``X``, and
