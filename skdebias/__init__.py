@@ -4,7 +4,13 @@ image classifiers with scikit-learn estimators.
 
 __version__ = "0.1.0.dev0"
 
-from .concepts import CAVEstimator, cav_alignment, concept_sensitivity, tcav_score
+from .concepts import (
+    CAVEstimator,
+    cav_alignment,
+    concept_sensitivity,
+    spatial_mean_tcav,
+    tcav_score,
+)
 from .correction import (
     ClassArtifactCompensator,
     EnDClassifier,
@@ -24,6 +30,7 @@ __all__ = [
     "cav_alignment",
     "concept_sensitivity",
     "tcav_score",
+    "spatial_mean_tcav",
     "SpuriosityRanker",
     "propose_features",
     "SpectralRelevanceAnalysis",

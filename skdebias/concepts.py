@@ -25,10 +25,24 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._utils._validation import check_int, check_labels, named_errors, unit_vector
+import torch
+
+from ._utils._data import check_input, is_dataset, n_samples
+from ._utils._hooks import layer_gradients
+from ._utils._modules import get_module, module_device, network
+from ._utils._validation import (
+    check_choice,
+    check_int,
+    check_labels,
+    check_real,
+    check_seed,
+    named_errors,
+    unit_vector,
+)
 from .metrics import concept_sensitivity
 
-__all__ = ["CAVEstimator", "CAV_METHODS", "cav_alignment", "concept_sensitivity", "tcav_score"]
+__all__ = ["CAVEstimator", "CAV_METHODS", "cav_alignment", "concept_sensitivity",
+           "spatial_mean_tcav", "tcav_score"]
 
 CAV_METHODS = ("pattern", "mean_diff", "svm", "ridge", "lasso", "logistic")
 
@@ -307,14 +321,18 @@ class CAVEstimator(ClassifierMixin, TransformerMixin, BaseEstimator):
         return np.asarray(["cav_projection"], dtype=object)
 
 
-def tcav_score(net, X, layer, cav, target=None, batch_size=128):
-    """TCAV quotient: the share of samples whose ``target`` logit grows along the CAV.
+def spatial_mean_tcav(net, X, layer, cav, target=None, batch_size=128):
+    """Share of samples whose ``target`` logit grows along a *channel* CAV, with the gradient
+    averaged over spatial positions.
 
-    ``mean_x 1[v . grad_a f_target(x) > 0]`` with the gradient at ``layer``
-    averaged over spatial positions (Kim et al. 2018). A value near 0.5 means
-    the concept does not push the prediction either way; near 1 (or 0) that it
-    consistently raises (lowers) the logit. For the magnitude, use
-    :func:`skdebias.metrics.concept_sensitivity`, which this wraps.
+    ``mean_x 1[v . mean_{h,w} grad_a f_target(x)[:, h, w] > 0]`` for a CAV ``v`` of shape
+    ``(C,)`` (e.g. fitted on max-pooled activations). This is **not** TCAV as Kim et al.
+    (2018) define it (see :func:`tcav_score`): averaging the gradient over positions mixes
+    the positions where the concept lives with all others, so for a localized concept (a
+    patch, a timestamp) it can have the opposite sign of the per-sample directional
+    derivative in the flattened activation space. It is the quantity RR-ClArC's ``l2_mean``
+    penalty acts on; for the magnitude use :func:`skdebias.metrics.concept_sensitivity`,
+    which this wraps. Until 0.1.0 this was called ``tcav_score``.
 
     Parameters
     ----------
@@ -333,11 +351,179 @@ def tcav_score(net, X, layer, cav, target=None, batch_size=128):
     Examples
     --------
     >>> import numpy as np, torch
-    >>> from skdebias.concepts import tcav_score
+    >>> from skdebias.concepts import spatial_mean_tcav
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     >>> X = np.random.RandomState(0).rand(8, 2).astype("float32")
-    >>> 0.0 <= tcav_score(net, X, "0", [1.0, 0.0], target=0) <= 1.0
+    >>> 0.0 <= spatial_mean_tcav(net, X, "0", [1.0, 0.0], target=0) <= 1.0
     True
     """
     return float(concept_sensitivity(net, X, layer, cav, target=target,
                                      batch_size=batch_size)["tcav"])
+
+
+def _flat_activations(net, sets, layer, batch_size, device):
+    """Flattened activations at ``layer`` of each ``(name, X)`` in ``sets`` (float64 arrays)."""
+    from .extraction import ActivationExtractor
+
+    extractor = ActivationExtractor(net, layer, pooling="flatten", batch_size=batch_size,
+                                    device=device)
+    out = []
+    for name, X in sets:
+        X, _ = check_input(X, name=name)
+        if n_samples(X) < 2:
+            raise ValueError(f"{name} needs at least 2 samples to fit a CAV, got {n_samples(X)}.")
+        out.append(extractor.fit(X).transform(X).astype(np.float64))
+    return out
+
+
+def _random_activations(net, random_X, n_random, random_size, n_concept, layer, batch_size,
+                        device, rng):
+    """Activations of the random sets: the given list, or ``n_random`` subsets of a pool."""
+    if isinstance(random_X, (list, tuple)):
+        if len(random_X) < 2:
+            raise ValueError(
+                f"random_X must hold at least 2 random sets (the random-vs-random runs pair them), "
+                f"got {len(random_X)}; or pass one array as a pool to draw n_random sets from.")
+        if n_random is not None and n_random != len(random_X):
+            raise ValueError(
+                f"n_random={n_random!r} does not match the {len(random_X)} random sets in "
+                "random_X; leave n_random=None when random_X is a list of sets.")
+        if random_size is not None:
+            raise ValueError("random_size applies to a pool of random images; leave "
+                             "random_size=None when random_X is a list of sets.")
+        sets = [(f"random_X[{i}]", R) for i, R in enumerate(random_X)]
+        return _flat_activations(net, sets, layer, batch_size, device)
+    n_random = 10 if n_random is None else check_int("n_random", n_random, low=2)
+    (pool,) = _flat_activations(net, [("random_X", random_X)], layer, batch_size, device)
+    size = min(n_concept, len(pool) - 1) if random_size is None else random_size
+    size = check_int("random_size", size, low=2)
+    if size >= len(pool):
+        raise ValueError(
+            f"random_size={size} must be smaller than the pool random_X ({len(pool)} samples) so "
+            "that the random sets differ.")
+    return [pool[rng.choice(len(pool), size, replace=False)] for _ in range(n_random)]
+
+
+def tcav_score(net, X, layer, concept_X, random_X, target=None, *, n_random=None,
+               random_size=None, cav_method="logistic", C=1.0, alpha=0.05, batch_size=128,
+               random_state=None):
+    """TCAV (Kim et al. 2018): how often the concept raises the ``target`` logit, with a
+    significance test against random concepts.
+
+    For each random set ``R_i`` a linear CAV ``v_i`` is fitted on the *flattened* activations
+    of ``layer`` (all ``C*H*W`` entries), concept images (label 1) against ``R_i`` (label 0).
+    For every input ``x`` of ``X`` the directional derivative
+    ``S_i(x) = grad_a f_target(x) . v_i`` (the gradient over all entries of the flattened
+    activation) gives ``TCAV_i = mean_x 1[S_i(x) > 0]``. The same is done with the random set
+    ``R_{i+1}`` in place of the concept (random-vs-random runs); a two-sided t-test
+    (:func:`scipy.stats.ttest_ind`) of the concept's ``TCAV_i`` against the random ones says
+    whether the concept matters. A score near 1 (near 0) means the concept consistently raises
+    (lowers) the logit. :func:`spatial_mean_tcav` is a different quantity (a channel CAV and
+    the spatially averaged gradient) that can flip the sign for a localized concept.
+
+    Parameters
+    ----------
+    net : torch.nn.Module, skorch NeuralNet or fitted corrector
+        A module must output logits; its parameters and flags are left as they were.
+    X : array-like of shape (n, C, H, W), tensor or Dataset
+        The inputs to explain, usually images of class ``target``.
+    layer : str
+        Layer whose (flattened) output the CAVs live in.
+    concept_X : array-like of shape (n_concept, C, H, W), tensor or Dataset
+        Images showing the concept.
+    random_X : list of arrays, or one array-like
+        A list (or tuple) of at least two random (non-concept) image sets, used as given;
+        or one pool of random images from which ``n_random`` sets of ``random_size`` images
+        are drawn (without replacement within a set).
+    target : None, int or array-like of shape (n,), default=None
+        Logit to differentiate: ``None`` the predicted class, an int that class for every
+        sample (Kim et al.: class ``k`` for class-``k`` inputs), an array one index per sample.
+    n_random : int >= 2 or None, default=None
+        Number of random sets drawn from a pool (``None``: 10). With a list of sets it must be
+        ``None`` or the list's length.
+    random_size : int >= 2 or None, default=None
+        Size of each set drawn from a pool (``None``: the number of concept images, at most
+        the pool size minus one).
+    cav_method : {"logistic", "svm", "pattern", "mean_diff", "ridge", "lasso"}, default="logistic"
+        :class:`CAVEstimator` method of the CAVs (Kim et al. use a linear classifier).
+    C : float, default=1.0
+        Inverse regularisation of the ``"logistic"`` and ``"svm"`` CAVs.
+    alpha : float in (0, 1), default=0.05
+        Significance level of the t-test.
+    batch_size : int, default=128
+    random_state : int, RandomState or None, default=None
+        Seeds the draws of random sets from a pool and the CAV solvers.
+
+    Returns
+    -------
+    result : sklearn.utils.Bunch
+        ``scores`` (n_random,): TCAV of the concept per random set; ``mean``, ``std``;
+        ``random_scores`` (n_random,): random-vs-random TCAV, ``random_mean``, ``random_std``;
+        ``p_value``: two-sided t-test of ``scores`` against ``random_scores`` (NaN when both
+        are constant and equal); ``significant``: ``p_value < alpha``; ``alpha``;
+        ``directional_derivatives`` (n_random, n): ``S_i(x)``; ``cavs``
+        (n_random, C*H*W) and ``random_cavs``: the unit CAVs.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skdebias import tcav_score
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(),
+    ...                           torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 2))
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.rand(20, 1, 6, 6).astype("float32")
+    >>> concept = X[:10] + 1.0
+    >>> res = tcav_score(net, X, "1", concept, rng.rand(40, 1, 6, 6).astype("float32"),
+    ...                  target=0, n_random=3, random_state=0)
+    >>> res.scores.shape, 0.0 <= res.mean <= 1.0
+    ((3,), True)
+    """
+    from scipy.stats import ttest_ind
+    from sklearn.utils import Bunch, check_random_state
+
+    if not is_dataset(concept_X) and np.ndim(concept_X) == 1:
+        raise TypeError(
+            "concept_X must hold concept images (n, C, H, W), got a 1-d array; to score a "
+            "given channel CAV with the spatially averaged gradient use spatial_mean_tcav(net, "
+            "X, layer, cav).")
+    check_choice("cav_method", cav_method, CAV_METHODS)
+    check_real("alpha", alpha, low=0, high=1, low_open=True, high_open=True)
+    check_real("C", C, low=0, low_open=True)
+    check_int("batch_size", batch_size)
+    check_input(X)  # fail before the CAVs are fitted
+    rng = check_random_state(check_seed("random_state", random_state))
+    device = module_device(get_module(network(net)))
+    (A_concept,) = _flat_activations(net, [("concept_X", concept_X)], layer, batch_size, device)
+    randoms = _random_activations(net, random_X, n_random, random_size, len(A_concept), layer,
+                                  batch_size, device, rng)
+    n_runs = len(randoms)
+
+    def fit(A_pos, A_neg):
+        A = np.vstack([A_pos, A_neg])
+        t = np.r_[np.ones(len(A_pos), int), np.zeros(len(A_neg), int)]
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        return CAVEstimator(method=cav_method, C=C, random_state=seed).fit(A, t).cav_
+
+    cavs = np.stack([fit(A_concept, R) for R in randoms])
+    random_cavs = np.stack([fit(randoms[(i + 1) % n_runs], R) for i, R in enumerate(randoms)])
+    V = np.vstack([cavs, random_cavs])
+    S = []
+    for a, g in layer_gradients(net, X, layer, target, batch_size, "tcav_score"):
+        g = g.reshape(g.shape[0], -1)
+        if g.shape[1] != V.shape[1]:  # pragma: no cover - same layer, same flattening
+            raise ValueError(f"layer {layer!r} gradients have {g.shape[1]} entries, the CAVs "
+                             f"{V.shape[1]}.")
+        S.append((g.double() @ torch.as_tensor(V.T, device=g.device)).cpu().numpy())
+    S = np.concatenate(S).T  # (2 * n_runs, n)
+    scores = np.mean(S[:n_runs] > 0, axis=1)
+    random_scores = np.mean(S[n_runs:] > 0, axis=1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p_value = float(ttest_ind(scores, random_scores).pvalue)
+    return Bunch(
+        scores=scores, mean=float(scores.mean()), std=float(scores.std()),
+        random_scores=random_scores, random_mean=float(random_scores.mean()),
+        random_std=float(random_scores.std()), p_value=p_value,
+        significant=bool(np.isfinite(p_value) and p_value < alpha), alpha=float(alpha),
+        directional_derivatives=S[:n_runs], cavs=cavs, random_cavs=random_cavs,
+    )

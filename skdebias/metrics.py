@@ -11,23 +11,14 @@ import torch
 from sklearn.utils.metadata_routing import UNUSED as _UNUSED
 from sklearn.utils.metadata_routing import _MetadataRequester
 
-from ._utils._data import check_input, first_batch, iter_batches, n_samples, take
-from ._utils._hooks import capture_output, check_network_input
-from ._utils._modules import (
-    find_layer,
-    get_module,
-    is_skorch_net,
-    module_device,
-    network_classes,
-    predict_proba,
-    preserve_mode,
-)
+from ._utils._data import check_input, first_batch, n_samples, take
+from ._utils._hooks import check_network_input, layer_gradients
+from ._utils._modules import get_module, network, network_classes, predict_proba
 from ._utils._stats import gap_weights
 from ._utils._validation import (
     check_choice,
     check_int,
     check_real,
-    check_target,
     encode_y,
     unit_vector,
 )
@@ -42,24 +33,11 @@ GRADIENT_POOLINGS = ("mean", "max", "sum")
 
 
 # ---------------------------------------------------------------- correction metrics (CAV / ClArC)
-def _network(net):
-    """The network behind ``net``: a module or skorch net as is, else ``net.module_``
-    (e.g. a fitted :class:`~skdebias.correction.GradientPenaltyCorrector`)."""
-    if isinstance(net, torch.nn.Module) or is_skorch_net(net):
-        return net
-    module = getattr(net, "module_", None)
-    if isinstance(module, torch.nn.Module):
-        return module
-    raise TypeError(
-        "net must be a torch.nn.Module, a skorch NeuralNet or a fitted estimator with a module_ "
-        f"(e.g. a fitted corrector), got {type(net).__name__}.")
-
-
 def _check_network_input(net, X, name="X"):
     """One sample of ``X`` through the network behind ``net`` (if it has one): a shape the
     network cannot take raises a ``ValueError`` naming ``name`` and the input it expects."""
     try:
-        module = get_module(_network(net))
+        module = get_module(network(net))
     except TypeError:  # any classifier with predict: its own checks
         return
     check_network_input(module, first_batch(X), name)
@@ -119,52 +97,22 @@ def concept_sensitivity(net, X, layer, cav, target=None, gradient_pooling="mean"
     """
     check_choice("gradient_pooling", gradient_pooling, GRADIENT_POOLINGS)
     check_int("batch_size", batch_size)
-    X, _ = check_input(X)
-    module = get_module(_network(net))
-    layer_module = find_layer(module, layer)
     v_np = unit_vector(cav)
-    device = module_device(module)
-    n = n_samples(X)
-    if n == 0:
-        raise ValueError("X is empty: concept_sensitivity needs at least one sample.")
-    target = check_target(target, n)
-    check_network_input(module, first_batch(X), "X")
     scores = []
-    start = 0
-    with preserve_mode(module, train=False):
-        for xb in iter_batches(X, batch_size=batch_size, device=device):
-            with torch.enable_grad(), capture_output(layer_module, detach=False,
-                                                     requires_grad=True) as store:
-                out = module(xb)
-            if not store:
-                raise ValueError(f"Layer {layer!r} is not called in the forward pass.")
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            a = store[-1]
-            if a.shape[1] != len(v_np):
-                raise ValueError(
-                    f"cav has {len(v_np)} dimensions but layer {layer!r} has {a.shape[1]} channels.")
-            if target is None:
-                t = out.detach().argmax(dim=1)
-            elif np.ndim(target) == 0:
-                t = torch.full((xb.shape[0],), int(target), dtype=torch.long, device=out.device)
-            else:
-                t = torch.as_tensor(target[start:start + xb.shape[0]], dtype=torch.long,
-                                    device=out.device)
-            if int(t.min()) < 0 or int(t.max()) >= out.shape[1]:
-                raise ValueError(f"target must hold class indices in [0, {out.shape[1] - 1}].")
-            (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), a)
-            flat = g.reshape(g.shape[0], g.shape[1], -1)
-            if gradient_pooling == "mean":
-                pooled = flat.mean(dim=2)
-            elif gradient_pooling == "sum":
-                pooled = flat.sum(dim=2)
-            else:
-                idx = a.detach().reshape(a.shape[0], a.shape[1], -1).argmax(dim=2, keepdim=True)
-                pooled = flat.gather(2, idx)[:, :, 0]
-            v = torch.as_tensor(v_np, dtype=pooled.dtype, device=pooled.device)
-            scores.append((pooled @ v).detach().cpu().numpy().astype(np.float64))
-            start += xb.shape[0]
+    for a, g in layer_gradients(net, X, layer, target, batch_size, "concept_sensitivity"):
+        if a.shape[1] != len(v_np):
+            raise ValueError(
+                f"cav has {len(v_np)} dimensions but layer {layer!r} has {a.shape[1]} channels.")
+        flat = g.reshape(g.shape[0], g.shape[1], -1)
+        if gradient_pooling == "mean":
+            pooled = flat.mean(dim=2)
+        elif gradient_pooling == "sum":
+            pooled = flat.sum(dim=2)
+        else:
+            idx = a.reshape(a.shape[0], a.shape[1], -1).argmax(dim=2, keepdim=True)
+            pooled = flat.gather(2, idx)[:, :, 0]
+        v = torch.as_tensor(v_np, dtype=pooled.dtype, device=pooled.device)
+        scores.append((pooled @ v).cpu().numpy().astype(np.float64))
     s = np.concatenate(scores)
     return {"mean_abs": float(np.abs(s).mean()), "tcav": float(np.mean(s > 0)),
             "mean": float(s.mean()), "n": int(len(s))}
@@ -250,7 +198,7 @@ def artifact_relevance(net, X, masks, target=None, method="lrp", composite="Epsi
     >>> round(artifact_relevance(SmallCNN(), X, mask, device="cpu"), 3)
     1.0
     """
-    R = attribute(_network(net), X, target=target, method=method, composite=composite,
+    R = attribute(network(net), X, target=target, method=method, composite=composite,
                   batch_size=batch_size, device=device)
     R = np.abs(R.astype(np.float64))
     try:

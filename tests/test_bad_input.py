@@ -30,6 +30,7 @@ from skdebias import (
     SpuriosityRanker,
     cav_alignment,
     metrics,
+    spatial_mean_tcav,
     tcav_score,
 )
 from skdebias.correction import EnDClassifier, GroupBalancedClassifier
@@ -195,8 +196,17 @@ def _sensitivity(X, y):
     return _flat(res["mean_abs"], res["mean"], res["tcav"])
 
 
+def _spatial_tcav(X, y):
+    return spatial_mean_tcav(NET, X, LAYER, np.ones(N_CHANNELS), target=0)
+
+
+#: concept and random images of tcav_score (X is the input to explain)
+TCAV_SETS = dict(concept_X=X0[:4] + 0.5, random_X=[X0[4:6], X0[6:8]])
+
+
 def _tcav(X, y):
-    return tcav_score(NET, X, LAYER, np.ones(N_CHANNELS), target=0)
+    res = tcav_score(NET, X, LAYER, target=0, random_state=0, **TCAV_SETS)
+    return _flat(res.directional_derivatives, res.scores, res.random_scores)
 
 
 def _attacked(X, y):
@@ -217,7 +227,8 @@ IMAGE_USERS = {
     "GradientPenaltyCorrector": _rr, "ClassArtifactCompensator": _clarc,
     "SpuriosityHeadFinetuner": _shf, "FastModelDebiaser": _fmd, "EnDClassifier": _end,
     "GroupBalancedClassifier": _balanced, "concept_sensitivity": _sensitivity,
-    "tcav_score": _tcav, "attacked_accuracy": _attacked, "artifact_relevance": _relevance,
+    "tcav_score": _tcav, "spatial_mean_tcav": _spatial_tcav, "attacked_accuracy": _attacked,
+    "artifact_relevance": _relevance,
     "counterfactual_bias": _cf_bias,
 }
 USER_NAMES = sorted(IMAGE_USERS)
@@ -597,7 +608,9 @@ def bad_targets(draw, n):
 TARGET_USERS = {
     "concept_sensitivity": lambda t: metrics.concept_sensitivity(NET, X0, LAYER,
                                                                  np.ones(N_CHANNELS), target=t),
-    "tcav_score": lambda t: tcav_score(NET, X0, LAYER, np.ones(N_CHANNELS), target=t),
+    "spatial_mean_tcav": lambda t: spatial_mean_tcav(NET, X0, LAYER, np.ones(N_CHANNELS),
+                                                     target=t),
+    "tcav_score": lambda t: tcav_score(NET, X0, LAYER, target=t, **TCAV_SETS),
     "artifact_relevance": lambda t: metrics.artifact_relevance(
         NET, X0, np.ones(SHAPE[1:]), target=t, method="gradient", device="cpu"),
 }
@@ -852,9 +865,13 @@ METRIC_PARAMS = {
                                                             "cav": np.ones(N_CHANNELS), **p}),
         {"layer": NOT_LAYER, "cav": NOT_CAV, "gradient_pooling": not_choice(),
          "batch_size": not_int()}),
-    "tcav_score": (
-        lambda **p: tcav_score(NET, X0, **{"layer": LAYER, "cav": np.ones(N_CHANNELS), **p}),
+    "spatial_mean_tcav": (
+        lambda **p: spatial_mean_tcav(NET, X0, **{"layer": LAYER, "cav": np.ones(N_CHANNELS),
+                                                  **p}),
         {"layer": NOT_LAYER, "cav": NOT_CAV, "batch_size": not_int()}),
+    "tcav_score": (
+        lambda **p: tcav_score(NET, X0, **{"layer": LAYER, "target": 0, **TCAV_SETS, **p}),
+        {"layer": NOT_LAYER, "batch_size": not_int(), "cav_method": not_choice()}),
     "attacked_accuracy": (
         lambda **p: metrics.attacked_accuracy(NET, X0, Y0, **{"add_artifact": lambda Z: Z, **p}),
         {"add_artifact": st.sampled_from([None, 1, "patch", [1]]), "batch_size": not_int()}),
@@ -902,5 +919,5 @@ def test_every_public_estimator_and_metric_is_covered():
     assert set(IMAGE_USERS) >= covered - {"CAVEstimator", "SpuriosityRanker"}
     public_metrics = set(metrics.__all__) - {"DebiasScorer"}
     assert public_metrics <= set(METRIC_PARAMS) | {"worst_group_accuracy"}
-    assert {"tcav_score", "cav_alignment"} <= set(dir(skdebias))
+    assert {"tcav_score", "spatial_mean_tcav", "cav_alignment"} <= set(dir(skdebias))
     assert correction.EnDClassifier is EnDClassifier

@@ -201,10 +201,10 @@ def test_clone_and_params_round_trip():
     assert not hasattr(clone(est), "cav_")
 
 
-def test_tcav_score_is_the_share_of_positive_directional_derivatives():
+def test_spatial_mean_tcav_is_the_share_of_positive_directional_derivatives():
     import torch
 
-    from skdebias import tcav_score
+    from skdebias import spatial_mean_tcav as tcav_score
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     with torch.no_grad():
@@ -245,3 +245,165 @@ def test_sample_weight_equals_repeating_samples(method):
     np.testing.assert_allclose(weighted.cav_, repeated.cav_, atol=1e-6)
     np.testing.assert_allclose(weighted.decision_function(A), repeated.decision_function(A),
                                atol=1e-6)
+
+
+# ---------------------------------------------------------------- TCAV (Kim et al. 2018)
+def _localized_net():
+    """Conv(1->2, 1x1) -> ReLU -> Flatten -> Linear(128, 2): the logit-0 weight is -4 on the
+    top-left 2x2 patch and +1 elsewhere (logit 1 is its negative)."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(2 * 8 * 8, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([1.0, 0.5]).reshape(2, 1, 1, 1))
+        net[0].bias.zero_()
+        w = torch.ones(2, 8, 8)
+        w[:, :2, :2] = -4.0
+        net[3].weight.copy_(torch.stack([w.flatten(), -w.flatten()]))
+        net[3].bias.zero_()
+    return net
+
+
+def _images(n, rng, patch=False):
+    X = rng.uniform(-0.5, 1.0, (n, 1, 8, 8)).astype("float32")
+    if patch:
+        X[:, :, :2, :2] = 1.0
+    return X
+
+
+def _hand_directional_derivatives(net, X, cavs, k, layer):
+    """``grad_a f_k(x) . v`` by hand for ``_localized_net`` at layer "0" (conv output, the
+    gradient is ``W_k * 1[z > 0]``) or "1" (ReLU output, the gradient is ``W_k``)."""
+    import torch
+
+    with torch.no_grad():
+        z = net[0](torch.as_tensor(X)).numpy().reshape(len(X), -1)
+    W = net[3].weight.detach().numpy()[k]
+    G = W * (z > 0) if layer == "0" else np.broadcast_to(W, z.shape)
+    return cavs @ G.T
+
+
+@pytest.mark.parametrize("layer", ["0", "1"])
+def test_tcav_directional_derivative_matches_a_hand_computation(layer):
+    from skdebias import tcav_score
+
+    rng = np.random.RandomState(0)
+    net = _localized_net()
+    X = _images(25, rng)
+    res = tcav_score(net, X, layer, _images(20, rng, patch=True),
+                     [_images(20, rng) for _ in range(3)], target=0, random_state=0)
+    assert res.cavs.shape == (3, 128) and res.directional_derivatives.shape == (3, 25)
+    np.testing.assert_allclose(np.linalg.norm(res.cavs, axis=1), 1.0, rtol=1e-9)
+    hand = _hand_directional_derivatives(net, X, res.cavs, 0, layer)
+    np.testing.assert_allclose(res.directional_derivatives, hand, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(res.scores, np.mean(hand > 0, axis=1))
+    hand_random = _hand_directional_derivatives(net, X, res.random_cavs, 0, layer)
+    np.testing.assert_array_equal(res.random_scores, np.mean(hand_random > 0, axis=1))
+
+
+def test_tcav_follows_the_sign_of_a_localized_concept_where_spatial_mean_flips():
+    """The patch lowers logit 0 (weight -4 there), but the weights elsewhere are positive, so
+    the spatially averaged gradient along the channel CAV is positive: the two disagree."""
+    import torch
+
+    from skdebias import ActivationExtractor, spatial_mean_tcav, tcav_score
+
+    rng = np.random.RandomState(0)
+    net = _localized_net()
+    X, concept, pool = _images(60, rng), _images(30, rng, patch=True), _images(200, rng)
+    with torch.no_grad():  # ground truth: inserting the patch lowers logit 0 on every image
+        patched = X.copy()
+        patched[:, :, :2, :2] = 1.0
+        effect = (net(torch.as_tensor(patched)) - net(torch.as_tensor(X)))[:, 0].numpy()
+    assert np.mean(effect < 0) == 1.0
+    res = tcav_score(net, X, "1", concept, pool, target=0, n_random=10, random_state=0)
+    hand = _hand_directional_derivatives(net, X, res.cavs, 0, "1")
+    assert res.mean == np.mean(hand > 0) < 0.5
+    assert res.mean == 0.0
+    A = ActivationExtractor(net, "1", pooling="max").fit(concept).transform(
+        np.concatenate([concept, pool[:30]]))
+    channel_cav = CAVEstimator().fit(A, np.r_[np.ones(30), np.zeros(30)]).cav_
+    assert spatial_mean_tcav(net, X, "1", channel_cav, target=0) > 0.5  # the opposite sign
+
+
+def test_tcav_t_test_separates_a_concept_that_matters_from_a_random_one():
+    from skdebias import tcav_score
+
+    rng = np.random.RandomState(0)
+    net = _localized_net()
+    X, concept, pool = _images(60, rng), _images(30, rng, patch=True), _images(200, rng)
+    res = tcav_score(net, X, "1", concept, pool, target=0, n_random=10, random_state=0)
+    assert res.p_value < 0.05 and res.significant
+    assert res.scores.shape == res.random_scores.shape == (10,)
+    assert res.std == pytest.approx(np.std(res.scores))
+    assert res.random_mean == pytest.approx(np.mean(res.random_scores))
+    from scipy.stats import ttest_ind
+
+    assert res.p_value == pytest.approx(ttest_ind(res.scores, res.random_scores).pvalue)
+    # a "concept" drawn from the random distribution itself is not significant
+    null = tcav_score(net, X, "1", _images(30, rng), pool, target=0, n_random=10,
+                      random_state=0)
+    assert null.p_value > 0.05 and not null.significant
+    # seeded: the same result twice
+    again = tcav_score(net, X, "1", concept, pool, target=0, n_random=10, random_state=0)
+    np.testing.assert_array_equal(again.cavs, res.cavs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(concept_X=np.ones(128)), "concept_X"),
+    (dict(concept_X=np.ones((1, 1, 8, 8), dtype="float32")), "concept_X"),
+    (dict(random_X=[np.ones((5, 1, 8, 8), dtype="float32")]), "random_X"),
+    (dict(n_random=3), "n_random"),
+    (dict(random_size=4), "random_size"),
+    (dict(random_X=np.zeros((6, 1, 8, 8), dtype="float32"), random_size=6), "random_size"),
+    (dict(random_X=np.zeros((6, 1, 8, 8), dtype="float32"), n_random=1), "n_random"),
+    (dict(alpha=1.5), "alpha"),
+    (dict(C=0.0), "C"),
+    (dict(cav_method="pca"), "cav_method"),
+    (dict(random_state="seed"), "random_state"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(layer="nope"), "nope"),
+])
+def test_tcav_bad_input_names_the_argument(kwargs, name):
+    import re
+
+    from skdebias import tcav_score
+
+    rng = np.random.RandomState(0)
+    args = dict(net=_localized_net(), X=_images(5, rng), layer="1",
+                concept_X=_images(5, rng, patch=True),
+                random_X=[_images(5, rng), _images(5, rng)], target=0)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=rf"(?<![\w.]){re.escape(name)}"):
+        tcav_score(**args)
+
+
+def test_tcav_agrees_in_sign_with_captum():
+    captum_concept = pytest.importorskip("captum.concept")
+    import tempfile
+    import warnings
+
+    import torch
+
+    from skdebias import tcav_score
+
+    rng = np.random.RandomState(0)
+    net = _localized_net()
+    X, concept = _images(40, rng), _images(30, rng, patch=True)
+    random_sets = [_images(30, rng) for _ in range(3)]
+
+    def loader(A):
+        return torch.utils.data.DataLoader(torch.as_tensor(A), batch_size=64)
+
+    c = captum_concept.Concept(0, "patch", loader(concept))
+    rs = [captum_concept.Concept(i + 1, f"random{i}", loader(R))
+          for i, R in enumerate(random_sets)]
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = captum_concept.TCAV(net, layers=["1"], save_path=d).interpret(
+            torch.as_tensor(X), [[c, r] for r in rs], target=0)
+    captum_scores = np.array([v["1"]["sign_count"][0].item() for v in out.values()])
+    ours = tcav_score(net, X, "1", concept, random_sets, target=0, random_state=0)
+    assert np.all(captum_scores < 0.5) and np.all(ours.scores < 0.5)
+    np.testing.assert_allclose(ours.scores, captum_scores, atol=0.1)

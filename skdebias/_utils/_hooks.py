@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ._data import iter_batches, n_samples
-from ._modules import check_logits, find_layer, module_device, preserve_mode
+from ._data import check_input, first_batch, iter_batches, n_samples
+from ._modules import (
+    check_logits,
+    find_layer,
+    get_module,
+    module_device,
+    network,
+    preserve_mode,
+)
 from ._runtime import progress_bar
+from ._validation import check_target
 
-__all__ = ["capture_output", "stop_after", "layer_inputs", "trace_layer", "check_network_input"]
+__all__ = ["capture_output", "stop_after", "layer_inputs", "trace_layer", "check_network_input",
+           "layer_gradients"]
 
 
 class _StopForward(Exception):
@@ -225,3 +235,46 @@ def check_network_input(module: nn.Module, xb: torch.Tensor, name: str = "X"):
     finally:
         for h in handles:
             h.remove()
+
+
+def layer_gradients(net, X, layer, target, batch_size, caller):
+    """Per batch, the activation ``a`` at ``layer`` and ``g = d f_target / d a`` (both detached,
+    shape ``(B, ...)``), with the network in eval mode on the device of its parameters.
+
+    ``net``: a module, skorch net or fitted estimator with a ``module_``. ``target`` as in
+    :func:`skdebias.metrics.concept_sensitivity` (``None``: the predicted class); ``caller``
+    names the public function in the empty-input error. Shared by that function and
+    :func:`skdebias.concepts.tcav_score`.
+    """
+    X, _ = check_input(X)
+    module = get_module(network(net))
+    layer_module = find_layer(module, layer)
+    device = module_device(module)
+    n = n_samples(X)
+    if n == 0:
+        raise ValueError(f"X is empty: {caller} needs at least one sample.")
+    target = check_target(target, n)
+    check_network_input(module, first_batch(X), "X")
+    start = 0
+    with preserve_mode(module, train=False):
+        for xb in iter_batches(X, batch_size=batch_size, device=device):
+            with torch.enable_grad(), capture_output(layer_module, detach=False,
+                                                     requires_grad=True) as store:
+                out = module(xb)
+            if not store:
+                raise ValueError(f"Layer {layer!r} is not called in the forward pass.")
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            a = store[-1]
+            if target is None:
+                t = out.detach().argmax(dim=1)
+            elif np.ndim(target) == 0:
+                t = torch.full((xb.shape[0],), int(target), dtype=torch.long, device=out.device)
+            else:
+                t = torch.as_tensor(target[start:start + xb.shape[0]], dtype=torch.long,
+                                    device=out.device)
+            if int(t.min()) < 0 or int(t.max()) >= out.shape[1]:
+                raise ValueError(f"target must hold class indices in [0, {out.shape[1] - 1}].")
+            (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), a)
+            yield a.detach(), g.detach()
+            start += xb.shape[0]

@@ -17,7 +17,7 @@ from torch import nn
 from ._data import iter_batches
 
 __all__ = [
-    "is_skorch_net", "get_module", "layer_names", "find_layer", "last_linear",
+    "is_skorch_net", "network", "get_module", "layer_names", "find_layer", "last_linear",
     "replace_module", "copy_module", "module_device", "preserve_mode", "copy_estimator",
     "network_classes", "predict_proba", "check_logits", "n_outputs", "resolve_linear", "OUTPUTS", "detect_output",
     "resolve_output", "to_logits", "to_probabilities",
@@ -27,6 +27,19 @@ __all__ = [
 def is_skorch_net(obj) -> bool:
     """Whether ``obj`` is a skorch ``NeuralNet`` (fitted, initialised or not)."""
     return isinstance(obj, NeuralNet)
+
+
+def network(net):
+    """The network behind ``net``: a module or skorch net as is, else ``net.module_``
+    (e.g. a fitted :class:`~skdebias.correction.GradientPenaltyCorrector`)."""
+    if isinstance(net, torch.nn.Module) or is_skorch_net(net):
+        return net
+    module = getattr(net, "module_", None)
+    if isinstance(module, torch.nn.Module):
+        return module
+    raise TypeError(
+        "net must be a torch.nn.Module, a skorch NeuralNet or a fitted estimator with a module_ "
+        f"(e.g. a fitted corrector), got {type(net).__name__}.")
 
 
 def get_module(estimator) -> nn.Module:
