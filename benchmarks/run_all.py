@@ -13,7 +13,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ["extraction", "cav", "artifact_strength", "correction", "divergence", "spuriosity",
-           "colored_digits", "cuda_check"]
+           "colored_digits", "fmd_scale", "cuda_check"]
 
 
 def main(argv=None):

@@ -13,8 +13,10 @@ from torch import nn
 from _nets import flip_last_feature
 from skdebias._utils._runtime import limit_threads
 from skdebias.correction import FastModelDebiaser, softmax_cross_entropy_hessian
+from skdebias.correction import _fmd as fmd_module
 from skdebias.correction._fmd import (
-    _augment, _bias_and_gradient, _HessianBuilder, _loss_gradients)
+    _augment, _bias_and_gradient, _conjugate_gradient, _HessianBuilder, _HessianOperator,
+    _loss_gradients)
 from skdebias.metrics import counterfactual_bias
 
 
@@ -256,3 +258,104 @@ def test_fmd_on_colored_digits(colored_data, colored_net):
     assert scores.shape == (len(idx),) and np.all(np.isfinite(scores))
     aligned = colored_data.concept[idx] == 1
     assert scores[aligned].mean() > scores[~aligned].mean()
+
+
+# ------------------------------------------------------------------ Hessian-free (cg) solver
+def _random_layer(seed, n=40, d=6, K=5):
+    g = torch.Generator().manual_seed(seed)
+    Fa = _augment(torch.randn(n, d, generator=g, dtype=torch.float64))
+    theta = torch.randn(K, d + 1, generator=g, dtype=torch.float64)
+    return g, Fa, theta
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.1, 0.0])
+def test_hessian_vector_product_matches_exact_hessian(damping):
+    g, Fa, theta = _random_layer(3)
+    H = softmax_cross_entropy_hessian(Fa[:, :-1], theta[:, :-1], theta[:, -1], damping=damping)
+    hvp = _HessianOperator(Fa, damping).at(theta)
+    for _ in range(3):
+        V = torch.randn(theta.shape, generator=g, dtype=torch.float64)
+        assert torch.allclose(hvp(V).reshape(-1), H @ V.reshape(-1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("damping", [1.0, 0.1, 0.0])
+def test_conjugate_gradient_matches_exact_solve(seed, damping):
+    g, Fa, theta = _random_layer(seed)
+    H = _HessianBuilder(Fa, theta.shape[0], damping)(theta)
+    b = torch.randn(theta.shape, generator=g, dtype=torch.float64)
+    b -= b.mean(dim=0)  # as every loss / bias gradient: orthogonal to a shift of all logits
+    ref = torch.linalg.lstsq(H, b.reshape(-1, 1)).solution.reshape(theta.shape)
+    hvp = _HessianOperator(Fa, damping).at(theta)
+    x, n_iter = _conjugate_gradient(hvp, b, tol=1e-6, max_iter=500)
+    assert 0 < n_iter < 500
+    assert float((x - ref).norm() / ref.norm()) < 1e-4
+    # a warm start at the solution needs no product beyond the residual check
+    x2, n_iter2 = _conjugate_gradient(hvp, b, x0=x, tol=1e-6)
+    assert n_iter2 == 0 and torch.equal(x2, x)
+    zero, n_zero = _conjugate_gradient(hvp, torch.zeros_like(b))
+    assert n_zero == 0 and not torch.any(zero)
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.1])
+def test_fmd_cg_reaches_the_bias_of_the_exact_solver(tabular, damping):
+    net, X, y = tabular
+    X_cf = flip_last_feature(X)
+    fits = {solver: FastModelDebiaser(net, solver=solver, damping=damping, max_accuracy_drop=1.0,
+                                      random_state=0).fit(X, y, X_cf=X_cf)
+            for solver in ["exact", "cg"]}
+    exact, cg = fits["exact"], fits["cg"]
+    assert exact.solver_ == "exact" and exact.n_cg_iter_ == 0
+    assert cg.solver_ == "cg" and cg.n_cg_iter_ > 0
+    assert cg.bias_before_ == exact.bias_before_
+    assert cg.n_steps_ >= 1 and cg.bias_after_ < cg.bias_before_
+    assert abs(cg.bias_after_ - exact.bias_after_) <= 0.1 * exact.bias_after_
+    assert np.allclose(cg.influence_on_bias(X[:20], y[:20]),
+                       exact.influence_on_bias(X[:20], y[:20]), rtol=1e-3, atol=1e-6)
+
+
+def test_fmd_cg_on_colored_digits(colored_data, colored_net):
+    kw = dict(n_pairs=300, random_state=0)
+    exact = FastModelDebiaser(colored_net, solver="exact", **kw).fit(
+        colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
+    cg = FastModelDebiaser(colored_net, solver="cg", **kw).fit(
+        colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
+    assert cg.n_steps_ >= 1 and cg.bias_after_ < cg.bias_before_ - 0.1
+    assert abs(cg.bias_after_ - exact.bias_after_) <= 0.1 * exact.bias_after_
+
+
+def test_fmd_auto_solver_picks_cg_above_the_hessian_limit(tabular, monkeypatch):
+    net, X, y = tabular
+    X_cf = flip_last_feature(X)
+    size = 3 * (8 + 1)  # the tabular head
+    assert FastModelDebiaser(net, random_state=0).fit(X, y, X_cf=X_cf).solver_ == "exact"
+    monkeypatch.setattr(fmd_module, "MAX_HESSIAN_SIZE", size - 1)
+    fmd = FastModelDebiaser(net, random_state=0).fit(X, y, X_cf=X_cf)
+    assert fmd.solver_ == "cg" and fmd.n_cg_iter_ > 0
+    with pytest.raises(ValueError, match="solver='cg'"):
+        FastModelDebiaser(net, solver="exact").fit(X, y, X_cf=X_cf)
+    monkeypatch.setattr(fmd_module, "MAX_HESSIAN_SIZE", size)
+    assert FastModelDebiaser(net, random_state=0).fit(X, y, X_cf=X_cf).solver_ == "exact"
+
+
+def test_fmd_unlearns_a_head_too_large_for_the_exact_hessian():
+    # 200 -> 100: 20,100 parameters, above the exact limit of 12,000
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 200), nn.Tanh(), nn.Linear(200, 100))
+    rng = np.random.RandomState(0)
+    X = rng.randn(300, 4).astype(np.float32)
+    X[:, -1] = np.abs(X[:, -1]) + 1.0
+    y = rng.randint(0, 100, 300)
+    fmd = FastModelDebiaser(net, damping=0.1, max_accuracy_drop=1.0, random_state=0)
+    fmd.fit(X, y, X_cf=flip_last_feature(X))
+    assert fmd.solver_ == "cg"
+    assert fmd.n_steps_ >= 1 and fmd.bias_after_ < fmd.bias_before_
+
+
+@pytest.mark.parametrize("bad", [dict(solver="newton"), dict(solver=None), dict(solver="CG"),
+                                 dict(cg_tol=0.0), dict(cg_tol=float("nan")),
+                                 dict(cg_max_iter=0), dict(cg_max_iter=2.5)])
+def test_fmd_solver_parameter_errors(tabular, bad):
+    net, X, y = tabular
+    with pytest.raises(ValueError, match=list(bad)[0]):
+        FastModelDebiaser(net, **bad).fit(X, y, X_cf=X)

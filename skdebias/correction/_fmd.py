@@ -25,13 +25,15 @@ from .._utils._data import check_input, n_samples
 from .._utils._hooks import layer_inputs
 from .._utils._modules import resolve_linear
 from .._utils._runtime import limit_threads
-from .._utils._validation import check_int, check_real, check_seed
+from .._utils._validation import check_choice, check_int, check_real, check_seed
 from ..base import BaseNetworkEstimator, NetworkClassifierMixin, atomic_fit
 
 __all__ = ["FastModelDebiaser", "softmax_cross_entropy_hessian"]
 
-#: Largest number of last-layer parameters ``K * (d + 1)`` for the exact Hessian.
+#: Largest number of last-layer parameters ``K * (d + 1)`` for the exact Hessian; with
+#: ``solver="auto"`` larger heads use conjugate gradient on Hessian-vector products.
 MAX_HESSIAN_SIZE = 12_000
+SOLVERS = ("auto", "exact", "cg")
 #: Up to this many last-layer parameters the unlearning algebra runs on one CPU thread: its
 #: operations are so small that multi-threading costs more in synchronisation than it saves
 #: (seconds instead of a fraction of one on a busy machine). Above it (e.g. SmallCNN's head,
@@ -152,6 +154,88 @@ class _HessianBuilder:
         return H
 
 
+class _HessianOperator:
+    """Products with the damped Hessian of :func:`_hessian`, never forming it.
+
+    For ``V`` of shape ``(K, m)`` (``theta``-shaped), with ``Z = Fa V^T`` (the change of the
+    logits along ``V``) and ``S = P o Z - P o rowsum(P o Z)`` (each row ``(diag(p_i) -
+    p_i p_i^T) z_i``), ``H V = S^T Fa + damping * n * V``: two ``(n, m) x (m, K)``-sized
+    products and ``O(n K)`` memory, against ``(K m)^2`` for the Hessian.
+    """
+
+    def __init__(self, Fa, damping):
+        self.Fa, self.damping = Fa, damping
+        self.P = None
+
+    def at(self, theta):
+        """Use the probabilities of the layer ``theta`` (in the dtype of ``Fa``)."""
+        self.P = _probs(theta.to(self.Fa.dtype), self.Fa)
+        return self
+
+    def __call__(self, V):
+        Fa, P = self.Fa, self.P
+        PZ = P * (Fa @ V.T)
+        S = PZ - P * PZ.sum(dim=1, keepdim=True)
+        HV = S.T @ Fa
+        if self.damping:
+            HV += (self.damping * Fa.shape[0]) * V
+        return HV
+
+
+def _conjugate_gradient(hvp, b, x0=None, tol=1e-4, max_iter=100):
+    """``(x, n_iter)`` with ``H x = b`` for symmetric positive (semi-)definite ``H``.
+
+    ``hvp(V)`` returns ``H V`` for ``V`` shaped like ``b``; stops when
+    ``||b - H x|| <= tol ||b||`` or after ``max_iter`` products. Started from zero, a
+    consistent singular system (no damping: the softmax Hessian is flat along a shift of
+    all logits, and ``b`` is orthogonal to it) converges to the least-squares solution.
+    """
+    b_norm = float(torch.linalg.vector_norm(b))
+    if b_norm == 0.0:
+        return torch.zeros_like(b), 0
+    if x0 is None:
+        x = torch.zeros_like(b)
+        r = b.clone()
+    else:
+        x = x0.clone()
+        r = b - hvp(x)
+    p = r.clone()
+    rs = float((r * r).sum())
+    target = (tol * b_norm) ** 2
+    n_iter = 0
+    while rs > target and n_iter < max_iter:
+        Hp = hvp(p)
+        curvature = float((p * Hp).sum())
+        if curvature <= 0.0:  # numerically singular direction: stop with the current iterate
+            break
+        alpha = rs / curvature
+        x.add_(p, alpha=alpha)
+        r.sub_(Hp, alpha=alpha)
+        rs_new = float((r * r).sum())
+        p.mul_(rs_new / rs).add_(r)
+        rs = rs_new
+        n_iter += 1
+    return x, n_iter
+
+
+def _loss_gradient_dots(theta, Fa, y, V):
+    """``(grad L(z_i) . V)_i`` for every sample, without the ``(n, K m)`` per-sample gradients.
+
+    ``grad L(z_i) = (p_i - e_{y_i}) kron x~_i``, so the product is
+    ``sum_k (p_i - e_{y_i})_k (V x~_i)_k``.
+    """
+    R = _probs(theta, Fa)
+    R[torch.arange(len(y)), y] -= 1.0
+    return (R * (Fa @ V.T)).sum(dim=1)
+
+
+def _loss_gradient_sum(theta, Fa, y):
+    """``sum_i grad L(z_i)`` as a ``theta``-shaped ``(K, m)`` matrix, ``(P - Y)^T Fa``."""
+    R = _probs(theta, Fa)
+    R[torch.arange(len(y)), y] -= 1.0
+    return R.T @ Fa
+
+
 def _loss_gradients(theta, Fa, y):
     """Per-sample gradients of the cross-entropy, (n, K * m)."""
     P = _probs(theta, Fa)
@@ -167,14 +251,16 @@ def _bias_and_gradient(theta, Fa, Fa_cf, y):
     py, py_cf = P[rows, y], P_cf[rows, y]
     sign = torch.sign(py - py_cf)
 
-    def grad_py(Pm, py_m, Fam):
-        # d p_y / d theta = p_y (e_y - p) kron x~
+    def grad_py(Pm, py_m):
+        # d p_y / d theta = p_y (e_y - p) kron x~: the rows R_i of (n, K), paired with x~_i
         R = -Pm * py_m[:, None]
         R[rows, y] += py_m
-        return R[:, :, None] * Fam[:, None, :]
+        return sign[:, None] * R
 
-    G = sign[:, None, None] * (grad_py(P, py, Fa) - grad_py(P_cf, py_cf, Fa_cf))
-    return float((py - py_cf).abs().mean()), G.mean(dim=0).reshape(-1)
+    # mean_i sign_i (R_i kron x~_i - R_cf_i kron x~_cf_i) as two (K, n) x (n, m) products:
+    # per-sample gradients would take n K m floats (6.5 GB for a 2048 -> 1000 head)
+    G = grad_py(P, py).T @ Fa - grad_py(P_cf, py_cf).T @ Fa_cf
+    return float((py - py_cf).abs().mean()), G.reshape(-1) / len(y)
 
 
 def _evaluate(theta, Fa, Fa_cf, y):
@@ -216,7 +302,9 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
     2. builds the exact damped Hessian of the softmax cross-entropy of that layer
        over both images of the fitting pairs,
        ``H = sum_i (diag(p_i) - p_i p_i^T) kron (x~_i x~_i^T) + damping * n * I``
-       (see :func:`softmax_cross_entropy_hessian`);
+       (see :func:`softmax_cross_entropy_hessian`); for heads above 12,000
+       parameters (``solver="auto"``) it is never formed: the solves
+       ``H^{-1} g`` below run by conjugate gradient on Hessian-vector products;
     3. scores each pair by the predicted change of ``B`` when ``x_k`` is unlearnt
        and ``x_cf_k`` learnt, ``grad B^T H^{-1} (grad L(x_k) - grad L(x_cf_k))``;
     4. takes the Newton step ``theta <- theta + step_size * H^{-1} sum_k
@@ -256,6 +344,16 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         Rebuild the Hessian at the current parameters before every step (exact
         Newton steps). ``False`` keeps the Hessian of the original layer (one
         build and factorisation, as in the one-shot update of the paper).
+    solver : {"auto", "exact", "cg"}, default="auto"
+        How ``H^{-1} g`` is computed. ``"exact"``: the Hessian is built and
+        Cholesky-factorised (heads up to ``MAX_HESSIAN_SIZE`` = 12,000 parameters).
+        ``"cg"``: conjugate gradient on Hessian-vector products, never forming
+        ``H`` (memory ``O(n (K + d))``; any head size, e.g. resnet50's 2048 -> 1000).
+        ``"auto"``: exact up to ``MAX_HESSIAN_SIZE`` parameters, cg above.
+    cg_tol : float > 0, default=1e-4
+        Conjugate gradient stops when ``||g - H x|| <= cg_tol ||g||``.
+    cg_max_iter : int >= 1, default=100
+        Most Hessian-vector products per conjugate gradient solve.
     n_pairs : int >= 2, default=500
         Number of counterfactual pairs used (a random subset when more are given).
     validation_fraction : float in [0, 1), default=0.2
@@ -294,6 +392,10 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         ``bias_fit``, ``bias_val``, ``accuracy_val``, ``accepted``.
     fit_time_ : float
         Wall time of :meth:`fit` in seconds.
+    solver_ : str
+        The solver used, ``"exact"`` or ``"cg"``.
+    n_cg_iter_ : int
+        Hessian-vector products over all conjugate gradient solves (0 with ``"exact"``).
     n_features_in_ : int
         Only for 2-d input ``(n, n_features)``.
 
@@ -317,9 +419,10 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
     """
 
     def __init__(self, estimator, layer=None, damping=1.0, step_size=1.0, max_iter=10,
-                 max_halvings=8, max_accuracy_drop=0.02, refresh_hessian=True, n_pairs=500,
-                 validation_fraction=0.2, counterfactual=None, batch_size=256, device="auto",
-                 random_state=None, verbose=0):
+                 max_halvings=8, max_accuracy_drop=0.02, refresh_hessian=True, solver="auto",
+                 cg_tol=1e-4, cg_max_iter=100, n_pairs=500, validation_fraction=0.2,
+                 counterfactual=None, batch_size=256, device="auto", random_state=None,
+                 verbose=0):
         super().__init__(estimator, batch_size, device, verbose)
         self.layer = layer
         self.damping = damping
@@ -328,6 +431,9 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         self.max_halvings = max_halvings
         self.max_accuracy_drop = max_accuracy_drop
         self.refresh_hessian = refresh_hessian
+        self.solver = solver
+        self.cg_tol = cg_tol
+        self.cg_max_iter = cg_max_iter
         self.n_pairs = n_pairs
         self.validation_fraction = validation_fraction
         self.counterfactual = counterfactual
@@ -341,6 +447,9 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         check_int("max_halvings", self.max_halvings, low=0)
         if self.max_accuracy_drop is not None:
             check_real("max_accuracy_drop", self.max_accuracy_drop, low=0, high=1)
+        check_choice("solver", self.solver, SOLVERS)
+        check_real("cg_tol", self.cg_tol, low=0.0, low_open=True)
+        check_int("cg_max_iter", self.cg_max_iter)
         check_int("n_pairs", self.n_pairs, low=2)
         check_real("validation_fraction", self.validation_fraction, low=0.0, high=1.0, high_open=True)
         check_int("batch_size", self.batch_size)
@@ -430,11 +539,14 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         K, d = lin.out_features, lin.in_features
         has_bias = lin.bias is not None
         size = K * (d + int(has_bias))
-        if size > MAX_HESSIAN_SIZE:
+        if self.solver == "exact" and size > MAX_HESSIAN_SIZE:
             raise ValueError(
                 f"The layer {self.layer_!r} has {size} parameters; the exact Hessian "
-                f"({size}x{size}) is too large (limit {MAX_HESSIAN_SIZE}). Use a network "
-                "with a smaller head.")
+                f"({size}x{size}) is too large (limit {MAX_HESSIAN_SIZE}). Use solver='cg' "
+                "(or 'auto'), which never forms it.")
+        solver = self.solver
+        if solver == "auto":
+            solver = "exact" if size <= MAX_HESSIAN_SIZE else "cg"
         self.classes_ = np.arange(K)
         y = self._labels(y, n, K)
         y_cf = y if y_cf is None else self._labels(y_cf, n, K, name="y_cf")
@@ -466,7 +578,7 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         self.n_pairs_ = len(idx)
         algebra = limit_threads(1) if size <= SINGLE_THREAD_SIZE else contextlib.nullcontext()
         with algebra:
-            theta = self._unlearn(theta0, Ff, Ff_cf, yf, yf_cf, Fv, Fv_cf, yv)
+            theta = self._unlearn(theta0, Ff, Ff_cf, yf, yf_cf, Fv, Fv_cf, yv, solver)
         if self.n_steps_:
             with torch.no_grad():
                 if has_bias:
@@ -476,10 +588,11 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
                     lin.weight.copy_(theta.to(lin.weight))
         self._theta0 = theta0
         self._has_bias = has_bias
+        self.solver_ = solver
         self.fit_time_ = time.perf_counter() - start
         return self
 
-    def _unlearn(self, theta0, Ff, Ff_cf, yf, yf_cf, Fv, Fv_cf, yv):
+    def _unlearn(self, theta0, Ff, Ff_cf, yf, yf_cf, Fv, Fv_cf, yv, solver="exact"):
         """The unlearning loop on the last-layer parameters; returns the final ``theta``."""
         # bias pairs use the factual label for both images (the definition of B)
         F_both32 = torch.cat([Ff, Ff_cf]).float()
@@ -492,37 +605,69 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         self.n_steps_ = 0
         self._influence_direction = None
         H = L = None
-        # the precomputed products pay off only over several Hessians
-        hessian = _HessianBuilder(F_both32, theta.shape[0], damping,
-                                  max_products=4_000_000 if self.refresh_hessian else 0)
+        self.n_cg_iter_ = 0
+        if solver == "cg":
+            # float32 products with damping, as the exact path factorises in float32; without
+            # damping (singular Hessian) in float64, as the exact path falls back to float64
+            cg_dtype = torch.float32 if damping > 0 else torch.float64
+            hvp = _HessianOperator(torch.cat([Ff, Ff_cf]).to(cg_dtype), damping)
+            x_v = x_delta = None  # warm starts: the previous step's solutions
+        else:
+            # the precomputed products pay off only over several Hessians
+            hessian = _HessianBuilder(F_both32, theta.shape[0], damping,
+                                      max_products=4_000_000 if self.refresh_hessian else 0)
+
+        def solve(g, x0):
+            """``H^{-1} g`` for a theta-shaped ``g`` (cg) or its flat form (exact)."""
+            g = g.reshape(theta.shape).to(cg_dtype)
+            x, n_iter = _conjugate_gradient(hvp, g, x0, tol=float(self.cg_tol),
+                                            max_iter=int(self.cg_max_iter))
+            self.n_cg_iter_ += n_iter
+            return x
+
         eta = float(self.step_size)
         self.n_iter_ = 0
         for step in range(int(self.max_iter)):
             self.n_iter_ = step + 1
             bias_fit, grad_b = _bias_and_gradient(theta, Ff, Ff_cf, yf)
-            if H is None or self.refresh_hessian:
-                # built in float32; with damping (eigenvalues >= damping * n) also factorised
-                # and solved in float32: the entries carry float32 rounding either way, so a
-                # float64 factor would not make the solves more exact. Without damping (the
-                # softmax Hessian is singular along a shift of all logits), or if float32 cannot
-                # factorise it, in float64
-                H = hessian(theta.float())
-                L = _factor(H) if damping > 0 else None
-                if L is None:
-                    H = H.double()
-                    L = _factor(H)
-            v = _solve(H, L, grad_b)  # H^{-1} grad B
+            if solver == "cg":
+                if hvp.P is None or self.refresh_hessian:
+                    hvp.at(theta)
+                x_v = solve(grad_b, x_v)
+                v = x_v.reshape(-1).to(grad_b.dtype)  # H^{-1} grad B
+            else:
+                if H is None or self.refresh_hessian:
+                    # built in float32; with damping (eigenvalues >= damping * n) also
+                    # factorised and solved in float32: the entries carry float32 rounding
+                    # either way, so a float64 factor would not make the solves more exact.
+                    # Without damping (the softmax Hessian is singular along a shift of all
+                    # logits), or if float32 cannot factorise it, in float64
+                    H = hessian(theta.float())
+                    L = _factor(H) if damping > 0 else None
+                    if L is None:
+                        H = H.double()
+                        L = _factor(H)
+                v = _solve(H, L, grad_b)  # H^{-1} grad B
             if self._influence_direction is None:
                 self._influence_direction = v.clone()
             if bias_fit <= 1e-12 or not bool(torch.any(grad_b != 0)):
                 break
-            diff = _loss_gradients(theta, Ff, yf) - _loss_gradients(theta, Ff_cf, yf_cf)
-            scores = diff @ v  # predicted change of B per pair swap
+            # predicted change of B per pair swap, (grad L(x_k) - grad L(x_cf_k)) . v, in
+            # closed form (per-sample gradients would take n K (d + 1) floats)
+            V = v.reshape(theta.shape)
+            scores = (_loss_gradient_dots(theta, Ff, yf, V)
+                      - _loss_gradient_dots(theta, Ff_cf, yf_cf, V))
             selected = scores < 0
             n_sel = int(selected.sum())
             if n_sel == 0:
                 break
-            delta = _solve(H, L, diff[selected].sum(dim=0)).reshape(theta.shape)
+            g_sel = (_loss_gradient_sum(theta, Ff[selected], yf[selected])
+                     - _loss_gradient_sum(theta, Ff_cf[selected], yf_cf[selected]))
+            if solver == "cg":
+                x_delta = solve(g_sel, x_delta)
+                delta = x_delta.to(theta.dtype)
+            else:
+                delta = _solve(H, L, g_sel.reshape(-1)).reshape(theta.shape)
             accepted = False
             for _ in range(int(self.max_halvings) + 1):
                 candidate = theta + eta * delta
@@ -574,5 +719,5 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         F = self._features(X_train, desc="training features")
         if self._has_bias:
             F = _augment(F)
-        G = _loss_gradients(self._theta0, F, torch.as_tensor(y_train))
-        return (-(G @ self._influence_direction)).numpy()
+        V = self._influence_direction.reshape(self._theta0.shape)
+        return (-_loss_gradient_dots(self._theta0, F, torch.as_tensor(y_train), V)).numpy()
