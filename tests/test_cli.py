@@ -39,9 +39,9 @@ def _write_pngs(root, classes, n, make):
             Image.fromarray(make(k, i)).save(root / name / f"{i}.png")
 
 
-def test_audit_on_generated_folders(tmp_path, capsys):
-    from skdebias.models import SmallCNN
-
+def _write_square_folders(root):
+    """Concept folders absent/present (6 PNGs each) and image folders a/b (4 each) under
+    ``root``: noisy RGB 28 px images; class index 1 ("present", "b") carries a red square."""
     rng = np.random.RandomState(0)
 
     def img(k, i):
@@ -50,8 +50,14 @@ def test_audit_on_generated_folders(tmp_path, capsys):
             a[20:26, 20:26] = [255, 0, 0]
         return a
 
-    _write_pngs(tmp_path / "concept", ["absent", "present"], 6, img)
-    _write_pngs(tmp_path / "images", ["a", "b"], 4, img)
+    _write_pngs(root / "concept", ["absent", "present"], 6, img)
+    _write_pngs(root / "images", ["a", "b"], 4, img)
+
+
+def test_audit_on_generated_folders(tmp_path, capsys):
+    from skdebias.models import SmallCNN
+
+    _write_square_folders(tmp_path)
     torch.manual_seed(0)
     torch.save(SmallCNN(n_classes=2), tmp_path / "m.pt")
     res = run_audit(str(tmp_path / "m.pt"), str(tmp_path / "images"), str(tmp_path / "concept"),
@@ -115,16 +121,7 @@ def test_audit_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
 def folders(tmp_path_factory):
     """Image and concept folders (RGB 28 px; class "b" and "present" carry a red square)."""
     root = tmp_path_factory.mktemp("audit")
-    rng = np.random.RandomState(0)
-
-    def img(k, i):
-        a = (rng.rand(28, 28, 3) * 80).astype(np.uint8)
-        if k == 1:
-            a[20:26, 20:26] = [255, 0, 0]
-        return a
-
-    _write_pngs(root / "concept", ["absent", "present"], 6, img)
-    _write_pngs(root / "images", ["a", "b"], 4, img)
+    _write_square_folders(root)
     return ["--images", str(root / "images"), "--concept", str(root / "concept"),
             "--layer", "features.6", "--device", "cpu"]
 

@@ -177,7 +177,7 @@ def test_pclarc_flatten_closes_the_gap_and_survives_pickle(artifact_data, artifa
     attacked = attacked_accuracy(pc, d.X_test, d.y_test, d.add_artifact)
     lost = vanilla_scores["clean"] - vanilla_scores["attacked"]
     # measured with avx512 / avx2 / default kernels: 1.5 / 1.7 / 1.9 points left of a 10.4-11.5
-    # point vanilla gap (the max-pooled P-ClArC leaves 3.7-5.2): issue 3's 5-point figure holds
+    # point vanilla gap (the max-pooled P-ClArC leaves 3.7-5.2): the documented 5-point target holds
     assert abs(clean - attacked) <= min(0.05, 0.35 * lost), (clean, attacked, lost)
     assert attacked - vanilla_scores["attacked"] >= 0.3 * lost
     again = pickle.loads(pickle.dumps(pc.module_))
