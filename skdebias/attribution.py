@@ -18,29 +18,82 @@ __all__ = ["attribute", "ATTRIBUTION_METHODS", "resolve_composite"]
 ATTRIBUTION_METHODS = ("lrp", "gradient_x_input", "gradient")
 
 
-def resolve_composite(composite):
+def resolve_composite(composite, canonizers=None):
     """A zennit composite instance from a name, class or instance.
 
     Names may be zennit's registry names (``"epsilon_plus_flat"``) or class
-    names (``"EpsilonPlusFlat"``).
+    names (``"EpsilonPlusFlat"``). A name or class is built with
+    ``canonizers`` (a list of zennit canonizers, or None); an instance is
+    returned as it is, with its own canonizers.
     """
     from zennit import composites as zc
 
     if isinstance(composite, zc.Composite):
         return composite
     if isinstance(composite, type) and issubclass(composite, zc.Composite):
-        return composite()
+        return composite(canonizers=canonizers)
     if isinstance(composite, str):
         if composite in zc.COMPOSITES:
-            return zc.COMPOSITES[composite]()
+            return zc.COMPOSITES[composite](canonizers=canonizers)
         by_class = {cls.__name__: cls for cls in zc.COMPOSITES.values()}
         if composite in by_class:
-            return by_class[composite]()
+            return by_class[composite](canonizers=canonizers)
         raise ValueError(
             f"Unknown zennit composite {composite!r}; choose one of "
             f"{sorted(by_class)} or {sorted(zc.COMPOSITES)}."
         )
     raise ValueError(f"composite must be a name, a zennit Composite class or instance; got {composite!r}.")
+
+
+def _auto_canonizers(module):
+    """zennit canonizers for ``module``: the ones its authors name for the architecture.
+
+    Without them LRP treats BatchNorm as a layer of its own and the skip additions of a
+    ResNet as plain gradient flow, and the relevance no longer sums to the explained
+    output's (on a random-weight resnet18 ~200x the one-hot; with ``ResNetCanonizer`` ~0.8).
+    """
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.core import collect_leaves
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+    from zennit.types import BatchNorm
+
+    # by block class, so that a ResNet wrapped in another module (normaliser first) counts too
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from torchvision.models.vgg import VGG
+
+    modules = list(module.modules())
+    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in modules):
+        return [ResNetCanonizer()]
+    if not any(isinstance(m, BatchNorm) for m in modules):
+        return []
+    if any(isinstance(m, VGG) for m in modules):
+        return [VGGCanonizer()]
+    # zennit merges a BatchNorm only into a Linear/Conv leaf right before it (in module order)
+    leaves = list(collect_leaves(module))
+    linear = SequentialMergeBatchNorm.linear_type
+    if any(isinstance(a, linear) and isinstance(b, BatchNorm) for a, b in zip(leaves, leaves[1:])):
+        return [SequentialMergeBatchNorm()]
+    return []
+
+
+def _check_canonizers(canonizers, composite):
+    from zennit.canonizers import Canonizer
+    from zennit.composites import Composite
+
+    if isinstance(canonizers, str) and canonizers == "auto":
+        return canonizers
+    if canonizers is None:
+        return []
+    if isinstance(canonizers, Canonizer):
+        canonizers = [canonizers]
+    if not isinstance(canonizers, (list, tuple)) or \
+            not all(isinstance(c, Canonizer) for c in canonizers):
+        raise ValueError(f"canonizers must be 'auto', None or a list of zennit canonizer "
+                         f"instances, got {canonizers!r}.")
+    if isinstance(composite, Composite):
+        raise ValueError("canonizers cannot be combined with a composite instance; pass them "
+                         "to the composite (canonizers=[...]) or pass its name or class.")
+    return list(canonizers)
 
 
 def _targets(module, xb, target, start):
@@ -73,7 +126,7 @@ def _lrp_batch(module, xb, tb, composite):
 
 
 def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFlat",
-              batch_size=64, device="auto", reduce_channels=True, verbose=0):
+              batch_size=64, device="auto", reduce_channels=True, verbose=0, canonizers="auto"):
     """Attribution maps of a classifier's output for ``X``.
 
     Parameters
@@ -87,12 +140,24 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
         ``"lrp"`` uses the zennit ``composite``; if zennit cannot handle the
         network it falls back to gradient x input with a warning.
     composite : str, zennit Composite class or instance, default="EpsilonPlusFlat"
+        A name or class is built with ``canonizers``; an instance is used as it
+        is (with the canonizers it was built with, if any).
     batch_size : int, default=64
     device : str, default="auto"
     reduce_channels : bool, default=True
         Sum relevance over channels, returning ``(n, H, W)``.
     verbose : int, default=0
         0: silent; 1 or more: progress bars over the long steps (tqdm).
+    canonizers : "auto", None or list of zennit canonizers, default="auto"
+        Canonizers for ``"lrp"``, applied to the copy of the network and removed
+        after. ``"auto"`` picks what zennit's authors use for the architecture:
+        ``ResNetCanonizer`` for torchvision ResNets (any module holding
+        torchvision ``BasicBlock``/``Bottleneck`` blocks), ``VGGCanonizer`` for
+        torchvision VGGs with BatchNorm, ``SequentialMergeBatchNorm`` for other
+        networks with a BatchNorm right after a Linear/Conv layer, none
+        otherwise. Without them LRP relevance on BatchNorm networks does not
+        sum to the explained output's. ``None`` applies none. Not allowed with a
+        composite instance (give the canonizers to the composite).
 
     Returns
     -------
@@ -128,7 +193,12 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
         if len(bad):
             raise ValueError(f"target must hold class indices in [0, {k - 1}] (the network's "
                              f"outputs), got {bad[:10].tolist()}.")
-    comp = resolve_composite(composite) if method == "lrp" else None
+    canonizers = _check_canonizers(canonizers, composite)
+    comp = None
+    if method == "lrp":
+        if isinstance(canonizers, str):  # "auto"
+            canonizers = _auto_canonizers(module)
+        comp = resolve_composite(composite, canonizers=canonizers)
     out = None
     start = 0
     with preserve_mode(module, train=False):
