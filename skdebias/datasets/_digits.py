@@ -16,34 +16,16 @@ import functools
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from sklearn.utils import Bunch, check_random_state
 
 from .._utils._validation import check_int, check_real
+from ._base import COLORS, _check_rho_mode, _colored_bunch, _stratified_split
 
 __all__ = ["make_colored_digits", "make_artifact_digits", "ARTIFACTS", "COLORS"]
 
 #: Names of the artifacts :func:`make_artifact_digits` can insert.
 ARTIFACTS = ("patch", "timestamp", "lsb", "brightness")
 
-#: The ten Biased-MNIST colours (Bahng et al., ICML 2020, ``COLOUR_MAP`` of
-#: clovaai/rebias), RGB in [0, 1]; colour ``k`` is the bias-aligned colour of digit ``k``.
-COLORS = np.array([
-    [255, 0, 0],  # 0 red
-    [0, 255, 0],  # 1 green
-    [0, 0, 255],  # 2 blue
-    [225, 225, 0],  # 3 yellow
-    [225, 0, 225],  # 4 magenta
-    [0, 255, 255],  # 5 cyan
-    [255, 128, 0],  # 6 orange
-    [255, 0, 128],  # 7 pink
-    [128, 0, 255],  # 8 violet
-    [128, 128, 128],  # 9 grey
-], dtype=np.float32) / np.float32(255.0)
-_PALETTE = COLORS.copy()  # private read-only copy: editing COLORS cannot change the data
-_PALETTE.setflags(write=False)
-
-_MODES = ("background", "foreground")
 _PATCH_COLOR = np.array([1.0, 0.0, 0.0], dtype=np.float32)  # saturated red
 _STAMP_COLOR = np.array([1.0, 1.0, 0.0], dtype=np.float32)  # bright yellow
 _LSB_AMPLITUDE = 0.1
@@ -87,34 +69,10 @@ def _base_digits(image_size=28):
 def _split(image_size, test_size, rng):
     """Seeded stratified split of the upsampled digits: (g_train, y_train, g_test, y_test)."""
     grey, y = _base_digits(image_size)
-    g_tr, g_te, y_tr, y_te = train_test_split(grey, y, test_size=test_size, stratify=y,
-                                              random_state=rng.randint(np.iinfo(np.int32).max))
-    return g_tr, y_tr, g_te, y_te
+    return _stratified_split(grey, y, test_size, rng)
 
 
 # ------------------------------------------------------------------ colored digits
-def _colorize(grey, bias, mode):
-    """Colour grey digits ``(n, H, W)`` with palette colours ``bias``: ``(n, 3, H, W)`` float32."""
-    g = grey[:, None]
-    c = _PALETTE[bias][:, :, None, None]
-    if mode == "background":
-        out = g + (1.0 - g) * c  # white stroke on a coloured background
-    else:
-        out = g * c  # coloured stroke on black
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def _draw_bias(y, rho, rng):
-    """Colour index per sample: the class colour with probability rho, else another colour."""
-    aligned = rng.random_sample(len(y)) < rho
-    return np.where(aligned, y, _other_bias(y, rng)).astype(np.int64)
-
-
-def _other_bias(bias, rng):
-    """A colour different from ``bias``, uniformly over the other nine."""
-    return ((bias + rng.randint(1, 10, size=len(bias))) % 10).astype(np.int64)
-
-
 def _checked_split(image_size, test_size, random_state):
     """The checked ``image_size``, the random state and the train/test split of the digits."""
     image_size = check_int("image_size", image_size, low=8)
@@ -181,36 +139,14 @@ def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactu
     >>> bool(data.concept.mean() > 0.95), bool(data.concept_test.mean() < 0.2)
     (True, True)
     """
-    rho = check_real("rho", rho, low=0, high=1)
-    if not isinstance(mode, str) or mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+    rho = _check_rho_mode(rho, mode)
     image_size, rng, (g_tr, y_tr, g_te, y_te) = _checked_split(image_size, test_size,
                                                                 random_state)
-
-    bias = _draw_bias(y_tr, rho, rng)
-    bias_test = _draw_bias(y_te, 0.1, rng)
-    bias_test_biased = _draw_bias(y_te, rho, rng)
-    out = Bunch(
-        X=_colorize(g_tr, bias, mode), y=y_tr, bias=bias,
-        concept=(bias == y_tr).astype(np.int64),
-        X_test=_colorize(g_te, bias_test, mode), y_test=y_te, bias_test=bias_test,
-        concept_test=(bias_test == y_te).astype(np.int64),
-        X_test_biased=_colorize(g_te, bias_test_biased, mode),
-        bias_test_biased=bias_test_biased,
-        concept_test_biased=(bias_test_biased == y_te).astype(np.int64),
-        colors=_PALETTE.copy(), rho=rho, mode=mode,
-        DESCR=(f"Colored digits ({mode} colour): sklearn's bundled digits upsampled to "
-               f"{image_size}x{image_size}; {len(y_tr)} train images, colour = class colour "
-               f"with probability rho={rho}, otherwise one of the other nine; {len(y_te)} test "
-               f"images, unbiased (rho=0.1: X_test) and biased (rho={rho}: X_test_biased)."),
-    )
-    if counterfactual:
-        # drawn after everything else, so X and the test splits do not depend on this flag
-        out.bias_cf = _other_bias(bias, rng)
-        out.X_cf = _colorize(g_tr, out.bias_cf, mode)
-        out.bias_test_cf = _other_bias(bias_test, rng)
-        out.X_test_cf = _colorize(g_te, out.bias_test_cf, mode)
-    return out
+    descr = (f"Colored digits ({mode} colour): sklearn's bundled digits upsampled to "
+             f"{image_size}x{image_size}; {len(y_tr)} train images, colour = class colour "
+             f"with probability rho={rho}, otherwise one of the other nine; {len(y_te)} test "
+             f"images, unbiased (rho=0.1: X_test) and biased (rho={rho}: X_test_biased).")
+    return _colored_bunch(g_tr, y_tr, g_te, y_te, rho, mode, counterfactual, rng, descr)
 
 
 # ------------------------------------------------------------------ artifact digits
