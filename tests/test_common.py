@@ -302,27 +302,24 @@ REWEIGHT_EXPECTED_FAILURES = {
 }
 
 
+#: The expected failures of each estimator class.
+EXPECTED_FAILURES = {
+    CAVEstimator: CAV_EXPECTED_FAILURES,
+    SpuriosityRanker: RANKER_EXPECTED_FAILURES,
+    SpectralRelevanceAnalysis: SPRAY_EXPECTED_FAILURES,
+    GradientPenaltyCorrector: RR_EXPECTED_FAILURES,
+    ClassArtifactCompensator: CLARC_EXPECTED_FAILURES,
+    SpuriosityHeadFinetuner: FINETUNER_EXPECTED_FAILURES,
+    FastModelDebiaser: FMD_EXPECTED_FAILURES,
+    EnDClassifier: END_EXPECTED_FAILURES,
+    GroupBalancedClassifier: REWEIGHT_EXPECTED_FAILURES,
+}
+
+
 def expected_failures(estimator):
     """``{check name: Fails}`` for ``estimator``."""
-    if isinstance(estimator, CAVEstimator):
-        return CAV_EXPECTED_FAILURES
-    if isinstance(estimator, SpuriosityRanker):
-        return RANKER_EXPECTED_FAILURES
-    if isinstance(estimator, SpectralRelevanceAnalysis):
-        return SPRAY_EXPECTED_FAILURES
-    if isinstance(estimator, GradientPenaltyCorrector):
-        return RR_EXPECTED_FAILURES
-    if isinstance(estimator, ClassArtifactCompensator):
-        return CLARC_EXPECTED_FAILURES
-    if isinstance(estimator, SpuriosityHeadFinetuner):
-        return FINETUNER_EXPECTED_FAILURES
-    if isinstance(estimator, FastModelDebiaser):
-        return FMD_EXPECTED_FAILURES
-    if isinstance(estimator, EnDClassifier):
-        return END_EXPECTED_FAILURES
-    if isinstance(estimator, GroupBalancedClassifier):
-        return REWEIGHT_EXPECTED_FAILURES
-    return {}
+    return next((fails for cls, fails in EXPECTED_FAILURES.items()
+                 if isinstance(estimator, cls)), {})
 
 
 # ------------------------------------------------------------------ the checks
