@@ -53,3 +53,19 @@ def test_sample_weight_error_names_the_sample(bias_toy):
     with pytest.raises(ValueError, match="finite, >= 0 and not all zero; sample 3 is nan"):
         GroupBalancedClassifier(MLP, max_epochs=1, train_split=None, verbose=0).fit(
             X, y, sample_weight=w)
+
+
+def test_partial_fit_uses_the_group_balanced_weights():
+    from skdebias.models import SmallCNN
+
+    rng = np.random.RandomState(0)
+    X = rng.rand(24, 3, 28, 28)  # float64: converted like in fit
+    y, bias = np.arange(24) % 2, (np.arange(24) < 20).astype(int)
+    clf = GroupBalancedClassifier(SmallCNN, module__n_classes=2, max_epochs=1, batch_size=8,
+                                  train_split=None, verbose=0)
+    torch.manual_seed(0)
+    clf.partial_fit(X, y, bias=bias)
+    np.testing.assert_allclose(clf.sample_weight_, group_balanced_weights(y, bias))
+    assert len(clf.history_) == 1
+    with pytest.raises(ValueError, match=r"partial_fit needs bias labels \(partial_fit\(X, y"):
+        clf.partial_fit(X, y)

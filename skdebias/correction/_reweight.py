@@ -139,6 +139,16 @@ class GroupBalancedClassifier(DictInputClassifier):
         -------
         self : GroupBalancedClassifier
         """
+        return super().fit(self._weighted(X, y, bias, sample_weight, "fit"), y, **fit_params)
+
+    def partial_fit(self, X, y=None, classes=None, bias=None, sample_weight=None, **fit_params):
+        """Continue training; ``bias`` or ``sample_weight`` as in :meth:`fit`."""
+        return super().partial_fit(self._weighted(X, y, bias, sample_weight, "partial_fit"), y,
+                                   classes=classes, **fit_params)
+
+    def _weighted(self, X, y, bias, sample_weight, method):
+        """``X`` as a dict input carrying the sample weights (from ``bias`` or given); also
+        records them as ``sample_weight_``."""
         if bias is None and isinstance(X, Mapping) and BIAS_KEY in X:
             bias = X[BIAS_KEY]
             X = {k: v for k, v in X.items() if k != BIAS_KEY}
@@ -151,8 +161,8 @@ class GroupBalancedClassifier(DictInputClassifier):
             n = n_samples(images)
             bias = check_group_labels(bias, n)
             if y is None:
-                raise ValueError("GroupBalancedClassifier.fit with bias= needs the class labels "
-                                 "y (one per sample), but y is None.")
+                raise ValueError(f"GroupBalancedClassifier.{method} with bias= needs the class "
+                                 "labels y (one per sample), but y is None.")
             y_arr = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
             if y_arr.ndim != 1 or len(y_arr) != n:
                 raise ValueError(f"y must be 1-d with one label per sample of X ({n}), got shape "
@@ -161,10 +171,10 @@ class GroupBalancedClassifier(DictInputClassifier):
         packed = self._pack(X, WEIGHT_KEY, sample_weight, _weights)
         if packed is None:
             raise ValueError(
-                "GroupBalancedClassifier.fit needs bias labels (fit(X, y, bias=...)) or "
-                "sample weights (fit(X, y, sample_weight=...)).")
+                f"GroupBalancedClassifier.{method} needs bias labels ({method}(X, y, bias=...)) "
+                f"or sample weights ({method}(X, y, sample_weight=...)).")
         self.sample_weight_ = np.asarray(packed[WEIGHT_KEY])
-        return super().fit(packed, y, **fit_params)
+        return packed
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         loss = super().get_loss(y_pred, y_true, X=X, training=training)
