@@ -26,12 +26,12 @@ from skorch.callbacks import PassthroughScoring
 from skorch.dataset import unpack_data
 
 from ._utils._data import (
+    as_float32,
     check_input,
     check_input_shape,
     first_batch,
     is_dataset,
     n_samples,
-    to_float,
 )
 from ._utils._hooks import capture_output, check_network_input
 from ._utils._modules import (
@@ -44,7 +44,7 @@ from ._utils._modules import (
 )
 from ._utils._runtime import resolve_device
 from ._utils._training import DivergenceGuard
-from ._utils._validation import check_finite_samples, check_int, check_real, check_y
+from ._utils._validation import check_int, check_real, check_y
 
 __all__ = ["BaseNetworkEstimator", "NetworkClassifierMixin", "atomic_fit", "LayerCapture",
            "HookedLossMixin", "InterruptibleMixin", "DictInputClassifier", "INPUT_KEY", "BIAS_KEY"]
@@ -452,20 +452,6 @@ class HookedLossMixin:
         return state
 
 
-def _float_images(X, name="X"):
-    """``X`` checked by :func:`check_input` (shape, dtype, NaN/inf, integer images) and
-    converted to float32 (uint8 images scaled to [0, 1], any stride or byte order); an
-    array stays an array, a tensor a tensor. Values beyond float32's range (e.g. 1e39 in
-    float64) are reported as infinity."""
-    X, shape = check_input(X, name=name)
-    if shape is None:  # the Dataset of a DataLoader: read by skorch, item by item
-        return X
-    out = to_float(X, len(shape))
-    if not isinstance(X, torch.Tensor):
-        out = out.numpy()
-    return check_finite_samples(out, name=name)
-
-
 class InterruptibleMixin:
     """skorch net mixin: Ctrl-C (``KeyboardInterrupt``) ends ``fit`` with the interrupt.
 
@@ -598,9 +584,9 @@ class DictInputClassifier(InterruptibleMixin, NeuralNetClassifier):
             if INPUT_KEY not in X:
                 return X
             X = dict(X)
-            X[INPUT_KEY] = _float_images(X[INPUT_KEY])
+            X[INPUT_KEY] = as_float32(X[INPUT_KEY])
             return X
-        return _float_images(X)
+        return as_float32(X)
 
     def _pack(self, X, name, values, check):
         """``X`` as a dict input carrying ``values`` (checked by ``check(values, n, name)``) under

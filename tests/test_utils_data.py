@@ -8,6 +8,7 @@ import torch
 from _nets import INPLACE_CAV, inplace_net
 from skdebias import ActivationExtractor
 from skdebias._utils._data import (
+    as_float32,
     check_input,
     check_input_shape,
     dataset_targets,
@@ -186,3 +187,23 @@ def test_check_input_shape_messages():
     with pytest.raises(ValueError, match=r"^X has per-sample shape \(3, 14, 14\), but Est was "
                                          r"fitted on \(3, 28, 28\)"):
         check_input_shape(Est(), (3, 14, 14), (3, 28, 28))
+
+
+def test_as_float32_converts_whole_inputs_and_reports_non_finite_samples():
+    X = as_float32(np.arange(12).reshape(6, 2))
+    assert X.dtype == np.float32 and X.shape == (6, 2)
+    assert as_float32(torch.ones(2, 3, dtype=torch.float64)).dtype == torch.float32
+    assert as_float32([[1, 2], [3, 4]]).dtype == np.float32
+    f32 = np.ones((2, 2), dtype=np.float32)
+    assert np.shares_memory(as_float32(f32), f32)  # no copy
+    bad = np.zeros((4, 2, 2))
+    bad[2, 1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"images contains NaN or infinity \(first at sample 2\)"):
+        as_float32(bad, name="images")
+    bad[2, 1, 0], bad[3, 0, 0] = 0.0, 1e39  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"first at sample 3\) once converted to float32"):
+        as_float32(bad)
+    with pytest.raises(ValueError, match=r"first at sample 1"):
+        as_float32(torch.tensor([[0.0], [float("-inf")]]))
+    with pytest.raises(ValueError, match="^X: "):
+        as_float32(np.array([["a"], ["b"]]))

@@ -9,7 +9,6 @@ from skdebias._utils._validation import (
     UNLABELLED,
     check_choice,
     check_concept_labels,
-    check_finite_samples,
     check_group_labels,
     check_int,
     check_real,
@@ -32,26 +31,6 @@ def test_check_group_labels():
         check_group_labels(np.array(["a", "b"]), 2)
     with pytest.raises(ValueError, match="one label per sample"):
         check_group_labels([0, 1], 3)
-
-
-def test_check_finite_samples():
-    X = check_finite_samples(np.arange(12).reshape(3, 2, 2))
-    assert X.dtype == np.float32 and X.shape == (3, 2, 2)
-    assert check_finite_samples(torch.ones(2, 3, dtype=torch.float64)).dtype == torch.float32
-    assert check_finite_samples([[1, 2], [3, 4]]).dtype == np.float32
-    f32 = np.ones((2, 2), dtype=np.float32)
-    assert check_finite_samples(f32) is f32  # no copy
-    bad = np.zeros((4, 2, 2))
-    bad[2, 1, 0] = np.nan
-    with pytest.raises(ValueError, match=r"images contains NaN or infinity \(first at sample 2\)"):
-        check_finite_samples(bad, name="images")
-    bad[2, 1, 0], bad[3, 0, 0] = 0.0, 1e39  # finite in float64, inf in float32
-    with pytest.raises(ValueError, match=r"first at sample 3"):
-        check_finite_samples(bad)
-    with pytest.raises(ValueError, match=r"first at sample 1"):
-        check_finite_samples(torch.tensor([[0.0], [float("-inf")]]))
-    with pytest.raises(ValueError, match="real numbers"):
-        check_finite_samples(np.array([["a"], ["b"]]))
 
 
 def test_check_int():

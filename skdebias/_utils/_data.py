@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_array
 __all__ = [
     "is_dataset", "n_samples", "as_tensor", "iter_batches", "first_batch", "dataset_targets",
     "to_numpy", "take", "training_data", "check_input", "check_input_shape", "first_non_finite",
+    "as_float32",
 ]
 
 
@@ -257,6 +258,23 @@ def check_input(X, name="X"):
                 f"{name} holds {X.dtype} images, whose value range is unknown; convert them to "
                 "float32 in [0, 1] (e.g. X / 255 for 8-bit, X / 65535 for 16-bit images).")
     return X, tuple(X.shape[1:])
+
+
+def as_float32(X, name="X"):
+    """``X`` checked by :func:`check_input` and converted whole to float32, for code that
+    slices it itself (skorch); an array stays an array, a tensor a tensor, a Dataset is
+    returned as it is (read item by item). Values beyond float32's range (e.g. 1e39 in
+    float64) become infinity in the conversion and are reported like NaN."""
+    X, shape = check_input(X, name=name)
+    if shape is None:
+        return X
+    out = to_float(X, len(shape))
+    bad = first_non_finite(out)
+    if bad is not None:
+        raise ValueError(
+            f"Input {name} contains NaN or infinity (first at sample {bad}) once converted to "
+            "float32; remove or rescale those samples.")
+    return out if isinstance(X, torch.Tensor) else out.numpy()
 
 
 def check_input_shape(estimator, shape, fitted_shape):

@@ -16,10 +16,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_array, column_or_1d
 
-from ._data import first_non_finite
-
 __all__ = ["check_int", "check_real", "check_choice", "check_y", "check_concept_labels",
-           "encode_y", "unit_vector", "UNLABELLED", "check_group_labels", "check_finite_samples",
+           "encode_y", "unit_vector", "UNLABELLED", "check_group_labels",
            "check_seed", "check_labels", "named_errors", "check_target"]
 
 #: Value of ``concept_labels`` that marks a sample without a concept label.
@@ -276,33 +274,3 @@ def check_group_labels(labels, n, name="bias"):
         f"{name} must hold integer group labels (e.g. colour index), got dtype {labels.dtype}.")
 
 
-def check_finite_samples(X, name="X"):
-    """``X`` (array-like or tensor) as float32, the dtype of a network's weights.
-
-    float64, integer and nested-list input are converted; a ``ValueError`` names
-    ``name`` and the first sample holding NaN or infinity (also one that float32
-    cannot represent, e.g. 1e39) or when ``X`` is not numeric.
-
-    Examples
-    --------
-    >>> from skdebias._utils._validation import check_finite_samples
-    >>> check_finite_samples([[1, 2], [3, 4]]).dtype
-    dtype('float32')
-    """
-    if isinstance(X, torch.Tensor):
-        if X.is_complex() or X.dtype == torch.bool:
-            raise ValueError(f"{name} must hold real numbers, got dtype {X.dtype}.")
-        X = X.float()
-    else:
-        X = np.asarray(X)
-        if X.dtype.kind not in "iuf":
-            raise ValueError(f"{name} must hold real numbers, got dtype {X.dtype}.")
-        # float64 values beyond float32's range become inf here and are reported below
-        with np.errstate(over="ignore"):
-            X = X.astype(np.float32, copy=False)
-    if X.ndim == 0 or X.shape[0] == 0:
-        raise ValueError(f"{name} must hold at least one sample, got shape {tuple(X.shape)}.")
-    i = first_non_finite(X)
-    if i is not None:
-        raise ValueError(f"{name} contains NaN or infinity (first at sample {i}).")
-    return X
