@@ -7,7 +7,7 @@ import torch
 from sklearn.base import TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._utils._data import iter_batches, n_samples
+from ._utils._data import is_dask_array, is_iterable_dataset, iter_batches, n_samples
 from ._utils._hooks import capture_output, stop_after
 from ._utils._modules import (
     copy_module,
@@ -62,8 +62,15 @@ class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
         Samples per forward pass; memory is bounded by it.
     device : str or torch.device, default="auto"
         ``"auto"`` uses CUDA when available, else the CPU.
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        Arithmetic of the forward passes (torch autocast); ``"float16"`` needs CUDA. The
+        activations are returned in float32 either way.
     verbose : int, default=0
         0: silent; 1 or more: progress bars over the long steps (tqdm).
+    num_workers : int, default=0
+        DataLoader worker processes that read a Dataset input (0: read in
+        this process). Arrays, memmaps and tensors are sliced per batch in
+        this process. Batches bound for CUDA are read into pinned memory.
 
     Attributes
     ----------
@@ -88,8 +95,9 @@ class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
     """
 
     def __init__(self, estimator, layer, pooling="max", batch_size=128, device="auto",
-                 verbose=0):
-        super().__init__(estimator, batch_size, device, verbose)
+                 verbose=0, num_workers=0, precision="float32"):
+        super().__init__(estimator, batch_size, device, verbose, num_workers=num_workers,
+                         precision=precision)
         self.layer = layer
         self.pooling = pooling
 
@@ -111,7 +119,8 @@ class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, C, H, W), tensor or Dataset
+        X : array-like of shape (n_samples, C, H, W), tensor, Dataset or IterableDataset
+            Only the first sample is read.
         y : ignored
 
         Returns
@@ -120,8 +129,11 @@ class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
         """
         check_choice("pooling", self.pooling, POOLINGS)
         check_int("batch_size", self.batch_size)
+        check_int("num_workers", self.num_workers, low=0)
         self.device_ = self._resolve_device()
-        X = self._validate_X(X, reset=True)
+        if is_dask_array(X):
+            X = X[:1].compute()
+        X = self._validate_X(X, reset=True, allow_iterable=True)
         self.module_ = self._module_on_device(self.device_)
         find_layer(self.module_, self.layer)
         first = next(iter_batches(X, batch_size=1, device=self.device_))
@@ -133,7 +145,8 @@ class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
     def _forward(self, xb):
         layer = find_layer(self.module_, self.layer)
         with preserve_mode(self.module_, train=False), torch.no_grad():
-            with capture_output(layer, stop=True) as store, stop_after():
+            with capture_output(layer, stop=True) as store, stop_after(), \
+                    self._autocast(self.device_):
                 self.module_(xb)
         if not store:
             raise RuntimeError(
@@ -146,33 +159,81 @@ class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, C, H, W), tensor or Dataset
+        X : array-like of shape (n_samples, C, H, W), tensor, Dataset, DataLoader, \
+IterableDataset or dask array
+            Read one batch at a time (converted per batch, so the memory used
+            is bounded by ``batch_size``); an IterableDataset is read once, in
+            its order. A dask array gives a lazy dask array (see
+            :func:`skdebias.distributed.transform_dask`).
         out : ndarray, optional
             Preallocated float32 array (e.g. a ``numpy.memmap``) of shape
             ``(n_samples, *output_shape_)`` to write into, so that large
-            outputs need not fit in RAM.
+            outputs need not fit in RAM. Not with a dask array.
 
         Returns
         -------
         A : ndarray of shape (n_samples, n_features_out_) (or the full
-            activation shape for ``pooling=None``), dtype float32
+            activation shape for ``pooling=None``), dtype float32; a dask array
+            for a dask array ``X``.
         """
         check_is_fitted(self, "output_shape_")
-        X = self._validate_X(X, reset=False)
-        n = n_samples(X)
+        if is_dask_array(X):
+            if out is not None:
+                raise ValueError("out is not supported with a dask array X: store the lazy "
+                                 "result with its own .to_zarr() or .store().")
+            from .distributed import transform_dask
+
+            return transform_dask(self, X)
+        X = self._validate_X(X, reset=False, allow_iterable=True)
+        if is_iterable_dataset(X):
+            try:
+                n = len(X)
+            except TypeError:  # a stream of unknown length: batches gathered, then joined
+                parts = [a.numpy() for a in self.iter_activations(X)]
+                return np.concatenate(parts) if parts else \
+                    np.empty((0, *self.output_shape_), dtype=np.float32)
+        else:
+            n = n_samples(X)
         expected = (n, *self.output_shape_)
         if out is None:
             out = np.empty(expected, dtype=np.float32)
         elif tuple(out.shape) != expected:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}.")
-        batches = iter_batches(X, batch_size=self.batch_size, device=self.device_)
-        n_batches = -(-n // self.batch_size)
         start = 0
-        for xb in progress_bar(batches, self.verbose, total=n_batches, desc="activations"):
-            a = self._forward(xb)
-            out[start:start + a.shape[0]] = a.cpu().numpy()
+        for a in self.iter_activations(X, _checked=True):
+            if start + a.shape[0] > n:
+                raise ValueError(f"X yielded more than its length {n} of samples.")
+            out[start:start + a.shape[0]] = a.numpy()
             start += a.shape[0]
+        if start != n:
+            raise ValueError(f"X yielded {start} samples, but its length is {n}.")
         return out
+
+    def iter_activations(self, X, _checked=False):
+        """Activations of ``self.layer`` for ``X``, one batch at a time (float32 CPU tensors).
+
+        For outputs that need not be held at once, e.g. written to disk in
+        chunks (:func:`skdebias.distributed.write_activations`).
+
+        Parameters
+        ----------
+        X : array-like, tensor, Dataset, DataLoader or IterableDataset
+
+        Yields
+        ------
+        a : torch.Tensor of shape (batch, *output_shape_)
+        """
+        check_is_fitted(self, "output_shape_")
+        if not _checked:
+            X = self._validate_X(X, reset=False, allow_iterable=True)
+        try:
+            total = -(-n_samples(X) // self.batch_size)
+        except TypeError:
+            total = None
+        batches = iter_batches(X, batch_size=self.batch_size, device=self.device_,
+                               num_workers=self.num_workers)
+        for xb in progress_bar(batches, self.verbose, total=total, desc="activations"):
+            yield self._forward(xb).float().cpu()
 
     def get_feature_names_out(self, input_features=None):
         """Names ``"<layer>_<i>"`` for the pooled output features."""

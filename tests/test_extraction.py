@@ -1,6 +1,7 @@
 """ActivationExtractor: pooled activations of a layer, as an sklearn transformer."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from _nets import inplace_net
 from skdebias import ActivationExtractor, CAVEstimator
 from skdebias._utils._modules import find_layer
 from skdebias.models import SmallCNN, make_classifier, torchvision_model
+from skdebias.report import peak_memory_growth
 
 
 def reference_activations(module, layer, X):
@@ -193,3 +195,100 @@ def test_extractor_refit_drops_n_features_in():
     ext.set_params(estimator=inplace_net(), layer="1").fit(np.ones((2, 1, 8, 8), dtype="float32"))
     assert not hasattr(ext, "n_features_in_")
     assert ext.input_shape_ == (1, 8, 8)
+
+
+# ------------------------------------------------------------------ inputs and memory
+class _Stream(torch.utils.data.IterableDataset):
+    """Items ``(x, 0)`` of ``X`` in order; with ``sized`` it has a length."""
+
+    def __init__(self, X, sized=False):
+        self.X, self.sized = X, sized
+
+    def __iter__(self):
+        for x in self.X:
+            yield torch.as_tensor(x), 0
+
+    def __len__(self):
+        if not self.sized:
+            raise TypeError("no length")
+        return len(self.X)
+
+
+def test_streams_loaders_and_workers_give_the_array_result(cnn, images):
+    expected = ActivationExtractor(cnn, "features.1", device="cpu").fit_transform(images)
+    ds = torch.utils.data.TensorDataset(torch.as_tensor(images))
+    for X, workers in [(_Stream(images), 0), (_Stream(images, sized=True), 0),
+                       (torch.utils.data.DataLoader(ds, batch_size=3), 0), (ds, 2)]:
+        ext = ActivationExtractor(cnn, "features.1", batch_size=4, device="cpu",
+                                  num_workers=workers).fit(X)
+        np.testing.assert_allclose(ext.transform(X), expected, rtol=1e-6, atol=1e-7)
+    parts = list(ext.iter_activations(images))
+    assert [p.shape[0] for p in parts] == [4] * (len(images) // 4) + (
+        [len(images) % 4] if len(images) % 4 else [])
+    np.testing.assert_allclose(torch.cat(parts).numpy(), expected, rtol=1e-6, atol=1e-7)
+    class Short(_Stream):
+        def __len__(self):
+            return 4
+
+    with pytest.raises(ValueError, match="yielded 3 samples, but its length is 4"):
+        ext.set_params(num_workers=0).transform(Short(images[:3]))
+    # each of 2 workers reads the whole stream (PyTorch's rule for an IterableDataset that
+    # does not split itself with get_worker_info): the length check reports it
+    with pytest.raises(ValueError, match="yielded more than its length 4"):
+        ext.set_params(num_workers=2).transform(Short(images[:4]))
+
+
+def test_num_workers_is_checked_in_fit(cnn, images):
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0, got -1"):
+        ActivationExtractor(cnn, "features.1", device="cpu", num_workers=-1).fit(
+            torch.utils.data.TensorDataset(torch.as_tensor(images)))
+
+
+def _memory_check(tmp_path, size_bytes, limit_bytes):
+    """Extraction from a uint8 memmap, a uint8 tensor and a DataLoader of ``size_bytes``:
+    anonymous memory grows by less than ``limit_bytes`` (a float32 copy would be 4x the
+    input), and the activations equal those of the float32 array."""
+    import gc
+
+    shape = (3, 64, 64)
+    n = size_bytes // int(np.prod(shape))
+    mm = np.memmap(tmp_path / "x.u8", dtype=np.uint8, mode="w+", shape=(n, *shape))
+    for start in range(0, n, 4096):  # written in chunks: never all in anonymous memory
+        stop = min(n, start + 4096)
+        mm[start:stop] = np.random.RandomState(start).randint(0, 256, (stop - start, *shape))
+    mm.flush()
+    del mm
+    X = np.memmap(tmp_path / "x.u8", dtype=np.uint8, mode="r", shape=(n, *shape))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU())
+    ext = ActivationExtractor(net, "1", batch_size=256, device="cpu")
+    with pytest.warns(UserWarning, match="uint8"):
+        ext.fit(X[:2])
+    check = slice(0, n, max(1, n // 97))  # a spread of rows against the float32 result
+    expected = ext.transform(np.asarray(X[check], dtype=np.float32) / 255)
+    inputs = {"memmap": lambda: X, "tensor": lambda: torch.from_numpy(X),
+              "DataLoader": lambda: torch.utils.data.DataLoader(
+                  torch.utils.data.TensorDataset(torch.from_numpy(X)))}
+    growth = {}
+    for name, make in inputs.items():
+        gc.collect()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            A, growth[name] = peak_memory_growth(lambda: ext.transform(make()))
+        assert A.shape == (n, 4)
+        np.testing.assert_allclose(A[check], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        del A
+    assert max(growth.values()) < limit_bytes, {k: v / 2**20 for k, v in growth.items()}
+    return growth
+
+
+def test_extraction_memory_is_bounded_by_the_batch(tmp_path):
+    # 100 MB of uint8 images (400 MB as float32): the growth (batches, plus 40-70 MB that
+    # torch keeps whatever the input size) stays below one copy of the input, even as uint8
+    _memory_check(tmp_path, 100 * 2**20, 90 * 2**20)
+
+
+@pytest.mark.slow
+def test_extraction_memory_of_a_large_memmap(tmp_path):
+    # the size of the acceptance check: 1.2 GB of uint8 images, growth under 300 MB
+    _memory_check(tmp_path, int(1.2 * 2**30), 300 * 2**20)

@@ -15,6 +15,7 @@ from skdebias._utils._data import (
     first_batch,
     iter_batches,
     n_samples,
+    reading,
     take,
     training_data,
 )
@@ -146,8 +147,9 @@ def test_check_input_messages():
         def __iter__(self):
             yield from ()
 
-    with pytest.raises(TypeError, match="X is an IterableDataset"):
+    with pytest.raises(TypeError, match="X is an IterableDataset.*pass a map-style Dataset"):
         check_input(Stream())
+    assert check_input(Stream(), allow_iterable=True)[1] is None
     with pytest.raises(ValueError, match="X is an empty Dataset"):
         check_input(torch.utils.data.TensorDataset(torch.zeros(0, 1)))
     with pytest.raises(TypeError, match=r"Sparse input is not supported: pass X as a dense"):
@@ -207,3 +209,69 @@ def test_as_float32_converts_whole_inputs_and_reports_non_finite_samples():
         as_float32(torch.tensor([[0.0], [float("-inf")]]))
     with pytest.raises(ValueError, match="^X: "):
         as_float32(np.array([["a"], ["b"]]))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Items ``(x, 0)`` of ``X`` in order, without a length."""
+
+    def __init__(self, X):
+        self.X = X
+
+    def __iter__(self):
+        for x in self.X:
+            yield torch.as_tensor(x), 0
+
+
+class _Bytes(torch.utils.data.Dataset):
+    """uint8 items, with the process that read them recorded."""
+
+    def __init__(self, X):
+        self.X = X
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], torch.utils.data.get_worker_info() is not None
+
+
+def test_iter_batches_reads_datasets_through_dataloader_workers():
+    X = np.random.RandomState(0).randint(0, 256, (10, 3, 4, 4)).astype(np.uint8)
+    expected = X.astype(np.float32) / 255
+    for workers in (0, 2):
+        got = torch.cat(list(iter_batches(_Bytes(X), batch_size=4, num_workers=workers)))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    sub = torch.cat(list(iter_batches(_Bytes(X), batch_size=3, indices=[5, 1, 7, 2],
+                                      num_workers=2)))
+    np.testing.assert_allclose(sub.numpy(), expected[[5, 1, 7, 2]], rtol=1e-6)
+    with reading(num_workers=2):  # the estimators' num_workers, as the default
+        got = torch.cat(list(iter_batches(_Bytes(X), batch_size=4)))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"num_workers must be an integer >= 0, got "
+                                             f"{bad!r}"):
+            list(iter_batches(X, num_workers=bad))
+        with pytest.raises(ValueError, match="num_workers"):
+            with reading(bad):
+                pass
+
+
+def test_iter_batches_streams_an_iterable_dataset_once():
+    X = np.random.RandomState(0).rand(9, 2, 3, 3).astype(np.float32)
+    got = list(iter_batches(_Stream(X), batch_size=4))
+    assert [b.shape[0] for b in got] == [4, 4, 1]
+    np.testing.assert_array_equal(torch.cat(got).numpy(), X)
+    with pytest.raises(TypeError, match="IterableDataset is read once"):
+        list(iter_batches(_Stream(X), y=np.zeros(9)))
+    np.testing.assert_array_equal(first_batch(_Stream(X)).numpy(), X[:1])
+    with pytest.raises(ValueError, match="empty IterableDataset"):
+        first_batch(_Stream(X[:0]))
+
+
+def test_iter_batches_converts_memmaps_per_batch(tmp_path):
+    X = np.random.RandomState(0).randint(0, 256, (20, 3, 4, 4)).astype(np.uint8)
+    mm = np.memmap(tmp_path / "x", dtype=np.uint8, mode="w+", shape=X.shape)
+    mm[:] = X
+    got = list(iter_batches(mm, batch_size=8))
+    assert all(b.dtype == torch.float32 for b in got)
+    np.testing.assert_allclose(torch.cat(got).numpy(), X / np.float32(255), rtol=1e-6)

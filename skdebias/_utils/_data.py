@@ -3,6 +3,9 @@ Datasets, subsets, labels of a Dataset, data in the form skorch takes."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import warnings
 from collections.abc import Iterator
 
@@ -14,8 +17,11 @@ from sklearn.utils.validation import check_array
 __all__ = [
     "is_dataset", "n_samples", "as_tensor", "iter_batches", "first_batch", "dataset_targets",
     "to_numpy", "take", "training_data", "check_input", "check_input_shape", "first_non_finite",
-    "as_float32",
+    "as_float32", "is_iterable_dataset", "reading", "is_dask_array",
 ]
+
+#: DataLoader worker processes for Dataset input, set for a block by :func:`reading`.
+_NUM_WORKERS = contextvars.ContextVar("skdebias_num_workers", default=0)
 
 
 def is_dataset(X) -> bool:
@@ -59,8 +65,14 @@ def to_float(x, sample_ndim, dtype=torch.float32):
     scale = _is_image_bytes(x, sample_ndim)
     if not isinstance(x, torch.Tensor):
         x = np.asarray(x)
-        # native byte order and positive strides: what torch can wrap without a copy
-        x = torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
+        # native byte order, positive strides and writable (a read-only memmap's rows are
+        # copied, one batch at a time): what torch can wrap without a copy or a warning
+        native = x.dtype.newbyteorder("=")
+        if x.flags.writeable:
+            x = np.ascontiguousarray(x, dtype=native)
+        else:
+            x = np.array(x, dtype=native, order="C")
+        x = torch.from_numpy(x)
     x = x.to(dtype)
     return x / 255 if scale else x
 
@@ -75,36 +87,99 @@ def _first(item):
     return item
 
 
+def is_dask_array(X) -> bool:
+    """``X`` is a dask array (checked without importing dask)."""
+    return type(X).__module__.startswith("dask.") and hasattr(X, "map_blocks")
+
+
+def is_iterable_dataset(X) -> bool:
+    """``X`` is a ``torch.utils.data.IterableDataset`` (a stream: no length needed, one pass)."""
+    return isinstance(X, torch.utils.data.IterableDataset)
+
+
+def _collate(items, dtype=torch.float32):
+    """DataLoader collate of Dataset items ``x`` or ``(x, y, ...)``: the images, each converted
+    as it is read (:func:`to_float`), stacked into one batch."""
+    return torch.stack([to_float(x, np.ndim(x), dtype) for x in map(_first, items)])
+
+
+def _check_workers(num_workers):
+    from ._validation import check_int
+
+    return check_int("num_workers", num_workers, low=0)
+
+
+@contextlib.contextmanager
+def reading(num_workers=0):
+    """Read Dataset input in the enclosed block with ``num_workers`` DataLoader worker
+    processes (the default of :func:`iter_batches`); an estimator's ``fit``, ``transform``
+    and ``predict`` run inside it with the estimator's ``num_workers``."""
+    token = _NUM_WORKERS.set(_check_workers(num_workers))
+    try:
+        yield
+    finally:
+        _NUM_WORKERS.reset(token)
+
+
+def _dataset_loader(X, batch_size, dtype, num_workers, pin_memory, indices=None):
+    """A DataLoader over a Dataset (restricted to ``indices``) that yields converted batches."""
+    if indices is not None:
+        X = torch.utils.data.Subset(X, np.asarray(indices).tolist())
+    return torch.utils.data.DataLoader(
+        X, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=functools.partial(_collate, dtype=dtype), pin_memory=pin_memory,
+        persistent_workers=False)
+
+
 def iter_batches(X, batch_size: int = 128, y=None, device=None, dtype=torch.float32,
-                 indices=None) -> Iterator:
+                 indices=None, num_workers=None) -> Iterator:
     """Iterate over ``X`` in batches, yielding tensors on ``device``.
 
-    ``X`` is a numpy array, a tensor or a ``torch.utils.data.Dataset`` whose
-    items are ``x`` or ``(x, y, ...)``. With ``y`` given (same length), yields
-    ``(xb, yb)``; otherwise ``xb``. Only one batch is materialised at a time.
-    ``indices`` restricts iteration to those samples (in that order).
+    ``X`` is a numpy array or memmap, a tensor, a ``torch.utils.data.Dataset``
+    whose items are ``x`` or ``(x, y, ...)``, or an ``IterableDataset`` (read
+    once, in its order). With ``y`` given (same length), yields ``(xb, yb)``;
+    otherwise ``xb``. Only one batch is read and converted at a time, so the
+    memory used is bounded by the batch whatever the input. ``indices``
+    restricts iteration to those samples (in that order). A Dataset is read
+    through a ``DataLoader`` with ``num_workers`` worker processes (0: in this
+    process; ``None``: the value set by :func:`reading`, else 0); batches
+    bound for CUDA are read into pinned memory.
     """
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     batch_size = int(batch_size)
+    num_workers = _NUM_WORKERS.get() if num_workers is None else _check_workers(num_workers)
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if is_iterable_dataset(X):
+        if y is not None or indices is not None:
+            raise TypeError(
+                "An IterableDataset is read once, in its order: it cannot be paired with y or "
+                "subset; pass a map-style Dataset, an array or a tensor.")
+        for xb in _dataset_loader(X, batch_size, dtype, num_workers, on_cuda):
+            yield xb.to(device=device, non_blocking=on_cuda)
+        return
     n = n_samples(X)
     order = np.arange(n) if indices is None else np.asarray(indices)
     if y is not None:
         y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+    loader = iter(_dataset_loader(X, batch_size, dtype, num_workers, on_cuda, indices)) \
+        if is_dataset(X) else None
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        if is_dataset(X):
-            items = [_first(X[int(i)]) for i in idx]
-            xb = torch.stack([to_float(item, np.ndim(item), dtype) for item in items])
+        if loader is not None:
+            xb = next(loader)
+            moved = xb.to(device=device, non_blocking=on_cuda)
         else:
             raw = X[torch.as_tensor(idx, device=X.device) if isinstance(X, torch.Tensor)
                     else idx] if indices is not None else X[start:start + batch_size]
             xb = to_float(raw, np.ndim(raw) - 1, dtype)
-        moved = xb.to(device=device)
-        if indices is None and not is_dataset(X) and moved.data_ptr() == _data_ptr(raw):
-            # a view of the caller's X: an in-place first layer must not write into it
-            moved = moved.clone()
+            if on_cuda and xb.device.type == "cpu":
+                xb = xb.pin_memory()
+            moved = xb.to(device=device, non_blocking=on_cuda)
+            if indices is None and moved.data_ptr() == _data_ptr(raw):
+                # a view of the caller's X: an in-place first layer must not write into it
+                moved = moved.clone()
         xb = moved
         if y is None:
             yield xb
@@ -114,7 +189,13 @@ def iter_batches(X, batch_size: int = 128, y=None, device=None, dtype=torch.floa
 
 def first_batch(X):
     """The first sample of ``X`` as a float32 batch of one, on the CPU."""
-    return next(iter_batches(X, batch_size=1))
+    batches = iter_batches(X, batch_size=1, num_workers=0)
+    try:
+        return next(batches)
+    except StopIteration:
+        raise ValueError("X is an empty IterableDataset.") from None
+    finally:
+        batches.close()
 
 
 def dataset_targets(X):
@@ -183,23 +264,35 @@ def first_non_finite(X):
     step = max(1, _CHECK_CHUNK_VALUES // per_sample)
     for start in range(0, X.shape[0], step):
         chunk = X[start:start + step]
+        # fast path: a finite sum means every value is finite (NaN and inf propagate); only a
+        # chunk whose sum is not finite (or overflows) is searched value by value
         if isinstance(chunk, torch.Tensor):
+            if bool(torch.isfinite(chunk.sum())):
+                continue
             bad = ~torch.isfinite(chunk.reshape(chunk.shape[0], -1)).all(dim=1)
             if bool(bad.any()):
                 return start + int(torch.nonzero(bad)[0, 0])
         else:
-            bad = ~np.isfinite(np.asarray(chunk).reshape(chunk.shape[0], -1)).all(axis=1)
+            chunk = np.asarray(chunk)
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = chunk.sum()
+            if np.isfinite(total):
+                continue
+            bad = ~np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
             if bad.any():
                 return start + int(np.flatnonzero(bad)[0])
     return None
 
 
-def check_input(X, name="X"):
+def check_input(X, name="X", allow_iterable=False):
     """The one input check of every estimator and metric that runs a network.
 
     ``X`` is a numpy array or memmap, a torch tensor, a nested list, a
     ``torch.utils.data.Dataset`` (items ``x`` or ``(x, y, ...)``) or a
-    ``DataLoader`` (its dataset is used). Nothing is converted here: batches
+    ``DataLoader`` (its dataset is used; the estimator's ``batch_size`` and
+    ``num_workers`` apply). With ``allow_iterable=True`` (steps that read the
+    data once, in order) an ``IterableDataset`` is accepted too; elsewhere it
+    is refused with what to pass instead. Nothing is converted here: batches
     are converted to float32 as they are read (:func:`iter_batches`), so the
     memory used stays bounded by the batch. Checked: at least one sample and
     two dimensions, a real numeric dtype, no NaN or infinity (the message
@@ -211,10 +304,14 @@ def check_input(X, name="X"):
     """
     if isinstance(X, torch.utils.data.DataLoader):
         X = X.dataset
-    if isinstance(X, torch.utils.data.IterableDataset):
+    if is_iterable_dataset(X):
+        if allow_iterable:
+            return X, None
         raise TypeError(
-            f"{name} is an IterableDataset, which has no length or random access; pass a "
-            "map-style Dataset, an array or a tensor.")
+            f"{name} is an IterableDataset, which has no random access; this step needs it "
+            "(it shuffles, subsets or reads the data more than once): pass a map-style "
+            "Dataset, an array or a tensor. (ActivationExtractor.transform reads an "
+            "IterableDataset in one pass.)")
     if is_dataset(X):
         if n_samples(X) == 0:
             raise ValueError(f"{name} is an empty Dataset.")
