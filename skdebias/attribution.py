@@ -9,8 +9,8 @@ import torch
 
 from ._utils._data import check_input, first_batch, iter_batches, n_samples
 from ._utils._hooks import check_network_input
-from ._utils._modules import copy_module, get_module, n_outputs, preserve_mode
-from ._utils._runtime import progress_bar, resolve_device
+from ._utils._modules import copy_module, get_module, n_outputs, network, preserve_mode
+from ._utils._runtime import autocast, check_precision, progress_bar, resolve_device
 from ._utils._validation import check_target
 
 __all__ = ["attribute", "ATTRIBUTION_METHODS", "resolve_composite"]
@@ -126,13 +126,15 @@ def _lrp_batch(module, xb, tb, composite):
 
 
 def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFlat",
-              batch_size=64, device="auto", reduce_channels=True, verbose=0, canonizers="auto"):
+              batch_size=64, device="auto", reduce_channels=True, verbose=0, canonizers="auto",
+              precision="float32"):
     """Attribution maps of a classifier's output for ``X``.
 
     Parameters
     ----------
-    estimator : torch.nn.Module or skorch NeuralNet
-        Never modified: attributions run on a copy (zennit registers hooks).
+    estimator : torch.nn.Module, skorch NeuralNet or fitted corrector
+        Never modified: attributions run on a copy (zennit registers hooks). A
+        fitted corrector is explained through its corrected network ``module_``.
     X : array-like (n, C, H, W), tensor or Dataset
     target : None, int or array of shape (n,)
         Output class to explain; ``None`` explains the predicted class.
@@ -158,6 +160,9 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
         otherwise. Without them LRP relevance on BatchNorm networks does not
         sum to the explained output's. ``None`` applies none. Not allowed with a
         composite instance (give the canonizers to the composite).
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        Arithmetic of the forward and backward passes (torch autocast); ``"float16"`` needs
+        CUDA. The maps are returned in float32.
 
     Returns
     -------
@@ -181,7 +186,8 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
     n = n_samples(X)
     target = check_target(target, n)
     dev = resolve_device(device)
-    module = copy_module(get_module(estimator)).to(dev)
+    check_precision(precision, dev)
+    module = copy_module(get_module(network(estimator))).to(dev)
     for p in module.parameters():
         p.requires_grad_(False)
     xb = first_batch(X)
@@ -204,19 +210,21 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
     with preserve_mode(module, train=False):
         batches = iter_batches(X, batch_size=batch_size, device=dev)
         for xb in progress_bar(batches, verbose, total=-(-n // batch_size), desc="attribution"):
-            tb = _targets(module, xb, target, start)
-            if method == "lrp":
-                try:
-                    R = _lrp_batch(module, xb, tb, comp)
-                except Exception as exc:  # zennit cannot handle some layers
-                    warnings.warn(
-                        f"zennit LRP failed ({exc!r}); falling back to gradient x input.",
-                        RuntimeWarning, stacklevel=2,
-                    )
-                    method = "gradient_x_input"
-                    R = _gradient_batch(module, xb, tb, True)
-            else:
-                R = _gradient_batch(module, xb, tb, method == "gradient_x_input")
+            with autocast(precision, dev):
+                tb = _targets(module, xb, target, start)
+                if method == "lrp":
+                    try:
+                        R = _lrp_batch(module, xb, tb, comp)
+                    except Exception as exc:  # zennit cannot handle some layers
+                        warnings.warn(
+                            f"zennit LRP failed ({exc!r}); falling back to gradient x input.",
+                            RuntimeWarning, stacklevel=2,
+                        )
+                        method = "gradient_x_input"
+                        R = _gradient_batch(module, xb, tb, True)
+                else:
+                    R = _gradient_batch(module, xb, tb, method == "gradient_x_input")
+            R = R.float()
             R = R.sum(dim=1) if reduce_channels else R
             if out is None:
                 out = np.empty((n, *R.shape[1:]), dtype=np.float32)

@@ -32,6 +32,7 @@ from ._utils._data import (
     first_batch,
     is_dataset,
     n_samples,
+    reading,
 )
 from ._utils._hooks import capture_output, check_network_input
 from ._utils._modules import (
@@ -39,10 +40,11 @@ from ._utils._modules import (
     copy_module,
     get_module,
     is_skorch_net,
+    module_device,
     n_outputs,
     predict_proba,
 )
-from ._utils._runtime import resolve_device
+from ._utils._runtime import autocast, check_precision, resolve_device
 from ._utils._training import DivergenceGuard
 from ._utils._validation import check_int, check_real, check_y
 
@@ -59,7 +61,8 @@ def atomic_fit(fit):
     def wrapper(self, *args, **kwargs):
         before = dict(self.__dict__)
         try:
-            return fit(self, *args, **kwargs)
+            with reading(getattr(self, "num_workers", 0)):
+                return fit(self, *args, **kwargs)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(before)
@@ -71,18 +74,22 @@ def atomic_fit(fit):
 class BaseNetworkEstimator(BaseEstimator):
     """Base of every estimator whose ``estimator`` parameter is a trained network.
 
-    Subclasses pass ``estimator``, ``batch_size``, ``device`` and ``verbose``
-    to this ``__init__`` and store their other parameters (``random_state``
+    Subclasses pass ``estimator``, ``batch_size``, ``device``, ``verbose`` and
+    ``precision`` (and ``num_workers`` where they read data) to this ``__init__`` and store
+    their other parameters (``random_state``
     where training or sampling is random) themselves; decorate ``fit`` with
     :func:`atomic_fit`; call :meth:`_validate_X` on every input.
     """
 
-    def __init__(self, estimator, batch_size, device, verbose):
+    def __init__(self, estimator, batch_size, device, verbose, precision="float32",
+                 num_workers=0):
         # the parameters every wrapper shares; subclasses store the rest themselves
         self.estimator = estimator
         self.batch_size = batch_size
+        self.num_workers = num_workers
         self.device = device
         self.verbose = verbose
+        self.precision = precision
 
     def __sklearn_clone__(self):
         # ``clone`` would turn a fitted skorch net into an unfitted one (new random weights);
@@ -101,7 +108,7 @@ class BaseNetworkEstimator(BaseEstimator):
         return tags
 
     # ---------------------------------------------------------------- input
-    def _validate_X(self, X, reset, name="X"):
+    def _validate_X(self, X, reset, name="X", allow_iterable=False):
         """The one input check (:func:`~skdebias._utils._data.check_input`): ``X`` checked, not
         converted; batches are converted as they are read.
 
@@ -109,9 +116,10 @@ class BaseNetworkEstimator(BaseEstimator):
         that an input the network cannot take is reported in terms of ``X``, and
         the per-sample shape is recorded as ``input_shape_`` (and
         ``n_features_in_`` for vectors); otherwise it must match the shape seen
-        in ``fit``.
+        in ``fit``. ``allow_iterable`` accepts an ``IterableDataset`` (steps that
+        read the data once, in order).
         """
-        X, shape = check_input(X, name=name)
+        X, shape = check_input(X, name=name, allow_iterable=allow_iterable)
         if reset:
             check_network_input(get_module(self.estimator), first_batch(X), name)
             self.input_shape_ = shape
@@ -125,8 +133,14 @@ class BaseNetworkEstimator(BaseEstimator):
 
     # ---------------------------------------------------------------- network
     def _resolve_device(self):
-        """``device`` as a :class:`torch.device` (checked)."""
-        return resolve_device(self.device)
+        """``device`` as a :class:`torch.device` (checked, with ``precision`` for it)."""
+        device = resolve_device(self.device)
+        check_precision(self.precision, device)
+        return device
+
+    def _autocast(self, device):
+        """The network's forward (and backward) passes at ``precision`` on ``device``."""
+        return autocast(self.precision, device)
 
     def _copy_network(self, device=None):
         """``(copy, module)`` of the caller's network, moved to ``device``; never the original."""
@@ -141,7 +155,8 @@ class NetworkClassifierMixin:
     """
 
     def _predict_proba(self, X):
-        return predict_proba(self.module_, X, batch_size=max(int(self.batch_size), 256))
+        with autocast(getattr(self, "precision", "float32"), module_device(self.module_)):
+            return predict_proba(self.module_, X, batch_size=max(int(self.batch_size), 256))
 
     def predict_proba(self, X):
         """Class probabilities of the corrected network.
@@ -156,7 +171,8 @@ class NetworkClassifierMixin:
         """
         check_is_fitted(self, "classes_")
         X = self._validate_X(X, reset=False)
-        return np.asarray(self._predict_proba(X), dtype=np.float32)
+        with reading(getattr(self, "num_workers", 0)):
+            return np.asarray(self._predict_proba(X), dtype=np.float32)
 
     def predict(self, X):
         """Class labels predicted by the corrected network.
@@ -548,6 +564,11 @@ class DictInputClassifier(InterruptibleMixin, NeuralNetClassifier):
         if images is None or (isinstance(X, Mapping)
                               and set(X) - {INPUT_KEY, *self.extra_keys}):
             return None
+        if is_dataset(images) and len(images):
+            # skorch's own validation split: a Dataset whose items hold the dict input
+            item = images[0]
+            if isinstance(item[0] if isinstance(item, (tuple, list)) else item, Mapping):
+                return None
         xb = first_batch(images)
         check_network_input(self.module_, xb, "X")
         return xb

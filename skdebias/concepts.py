@@ -10,6 +10,7 @@ across features.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 
@@ -27,15 +28,17 @@ from sklearn.utils.validation import (
 
 import torch
 
-from ._utils._data import check_input, is_dataset, n_samples
-from ._utils._hooks import layer_gradients
-from ._utils._modules import get_module, module_device, network
+from ._utils._data import check_input, first_batch, is_dataset, iter_batches, n_samples
+from ._utils._hooks import capture_output, check_network_input, stop_after
+from ._utils._modules import find_layer, get_module, module_device, network, preserve_mode
+from ._utils._runtime import autocast, check_precision
 from ._utils._validation import (
     check_choice,
     check_int,
     check_labels,
     check_real,
     check_seed,
+    check_target,
     named_errors,
     unit_vector,
 )
@@ -361,24 +364,63 @@ def spatial_mean_tcav(net, X, layer, cav, target=None, batch_size=128):
                                      batch_size=batch_size)["tcav"])
 
 
-def _flat_activations(net, sets, layer, batch_size, device):
-    """Flattened activations at ``layer`` of each ``(name, X)`` in ``sets`` (float64 arrays)."""
-    from .extraction import ActivationExtractor
+def _layer_activations(net, sets, layers, batch_size, precision="float32"):
+    """Flattened activations of every layer in ``layers`` for each ``(name, X)`` in ``sets``.
 
-    extractor = ActivationExtractor(net, layer, pooling="flatten", batch_size=batch_size,
-                                    device=device)
-    out = []
+    Returns ``out[i][j]``, a float64 array for set ``i`` and layer ``j``. One forward pass per
+    batch records all layers and stops after the last of them to be called; the network is
+    checked once, on the first sample of the first set.
+    """
+    module = get_module(network(net))
+    device = module_device(module)
+    mods = [find_layer(module, layer) for layer in layers]
+    checked = []
     for name, X in sets:
         X, _ = check_input(X, name=name)
         if n_samples(X) < 2:
             raise ValueError(f"{name} needs at least 2 samples to fit a CAV, got {n_samples(X)}.")
-        out.append(extractor.fit(X).transform(X).astype(np.float64))
-    return out
+        checked.append(X)
+    check_network_input(module, first_batch(checked[0]), sets[0][0])
+    last = None  # index of the layer called last, found on the first batch
+    out = [[[] for _ in layers] for _ in sets]
+    with preserve_mode(module, train=False), torch.no_grad(), autocast(precision, device):
+        for i, X in enumerate(checked):
+            for xb in iter_batches(X, batch_size=batch_size, device=device):
+                with contextlib.ExitStack() as stack:
+                    stores = [stack.enter_context(capture_output(m, stop=j == last))
+                              for j, m in enumerate(mods)]
+                    stack.enter_context(stop_after())
+                    order = []
+                    for j, m in enumerate(mods):
+                        if last is None:
+                            stack.enter_context(_record_call(m, order, j))
+                    module(xb)
+                if last is None:
+                    missing = [layers[j] for j, st in enumerate(stores) if not st]
+                    if missing:
+                        raise ValueError(
+                            f"Layer {missing[0]!r} is not called in the forward pass.")
+                    last = order[-1]
+                for j, st in enumerate(stores):
+                    a = st[-1]
+                    out[i][j].append(a.reshape(a.shape[0], -1).to("cpu", torch.float64))
+    return [[torch.cat(parts).numpy() for parts in per_set] for per_set in out]
 
 
-def _random_activations(net, random_X, n_random, random_size, n_concept, layer, batch_size,
-                        device, rng):
-    """Activations of the random sets: the given list, or ``n_random`` subsets of a pool."""
+@contextlib.contextmanager
+def _record_call(module, order, index):
+    """Append ``index`` to ``order`` whenever ``module``'s forward ends."""
+    handle = module.register_forward_hook(lambda *_: order.append(index))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _random_sets(random_X, n_random, random_size, n_concept, rng):
+    """The random sets: ``(sets, draws)``; ``sets`` is ``[(name, X)]`` to run through the
+    network and ``draws`` ``None`` for a given list, or the index arrays of ``n_random``
+    subsets of the pool (the single set in ``sets``)."""
     if isinstance(random_X, (list, tuple)):
         if len(random_X) < 2:
             raise ValueError(
@@ -391,22 +433,23 @@ def _random_activations(net, random_X, n_random, random_size, n_concept, layer, 
         if random_size is not None:
             raise ValueError("random_size applies to a pool of random images; leave "
                              "random_size=None when random_X is a list of sets.")
-        sets = [(f"random_X[{i}]", R) for i, R in enumerate(random_X)]
-        return _flat_activations(net, sets, layer, batch_size, device)
+        return [(f"random_X[{i}]", R) for i, R in enumerate(random_X)], None
     n_random = 10 if n_random is None else check_int("n_random", n_random, low=2)
-    (pool,) = _flat_activations(net, [("random_X", random_X)], layer, batch_size, device)
-    size = min(n_concept, len(pool) - 1) if random_size is None else random_size
+    pool, _ = check_input(random_X, name="random_X")
+    n_pool = n_samples(pool)
+    size = min(n_concept, n_pool - 1) if random_size is None else random_size
     size = check_int("random_size", size, low=2)
-    if size >= len(pool):
+    if size >= n_pool:
         raise ValueError(
-            f"random_size={size} must be smaller than the pool random_X ({len(pool)} samples) so "
+            f"random_size={size} must be smaller than the pool random_X ({n_pool} samples) so "
             "that the random sets differ.")
-    return [pool[rng.choice(len(pool), size, replace=False)] for _ in range(n_random)]
+    return [("random_X", pool)], [rng.choice(n_pool, size, replace=False)
+                                  for _ in range(n_random)]
 
 
 def tcav_score(net, X, layer, concept_X, random_X, target=None, *, n_random=None,
                random_size=None, cav_method="logistic", C=1.0, alpha=0.05, batch_size=128,
-               random_state=None):
+               random_state=None, precision="float32"):
     """TCAV (Kim et al. 2018): how often the concept raises the ``target`` logit, with a
     significance test against random concepts.
 
@@ -421,14 +464,19 @@ def tcav_score(net, X, layer, concept_X, random_X, target=None, *, n_random=None
     (lowers) the logit. :func:`spatial_mean_tcav` is a different quantity (a channel CAV and
     the spatially averaged gradient) that can flip the sign for a localized concept.
 
+    Several layers (``layer`` a list) share the work: each batch of every image set goes
+    through the network once for all layers, and each batch of ``X`` once forward and once
+    backward for the gradients at all layers; every CAV of a layer is scored with one matrix
+    product over all inputs.
+
     Parameters
     ----------
     net : torch.nn.Module, skorch NeuralNet or fitted corrector
         A module must output logits; its parameters and flags are left as they were.
     X : array-like of shape (n, C, H, W), tensor or Dataset
         The inputs to explain, usually images of class ``target``.
-    layer : str
-        Layer whose (flattened) output the CAVs live in.
+    layer : str or list of str
+        Layer whose (flattened) output the CAVs live in; a list scores every layer in it.
     concept_X : array-like of shape (n_concept, C, H, W), tensor or Dataset
         Images showing the concept.
     random_X : list of arrays, or one array-like
@@ -453,10 +501,14 @@ def tcav_score(net, X, layer, concept_X, random_X, target=None, *, n_random=None
     batch_size : int, default=128
     random_state : int, RandomState or None, default=None
         Seeds the draws of random sets from a pool and the CAV solvers.
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        Arithmetic of the forward and backward passes (torch autocast); ``"float16"`` needs
+        CUDA. Activations and gradients are scored in float64.
 
     Returns
     -------
-    result : sklearn.utils.Bunch
+    result : sklearn.utils.Bunch, or dict of them
+        For a list ``layer``, ``{layer: Bunch}``; each Bunch holds
         ``scores`` (n_random,): TCAV of the concept per random set; ``mean``, ``std``;
         ``random_scores`` (n_random,): random-vs-random TCAV, ``random_mean``, ``random_std``;
         ``p_value``: two-sided t-test of ``scores`` against ``random_scores`` (NaN when both
@@ -486,16 +538,79 @@ def tcav_score(net, X, layer, concept_X, random_X, target=None, *, n_random=None
             "concept_X must hold concept images (n, C, H, W), got a 1-d array; to score a "
             "given channel CAV with the spatially averaged gradient use spatial_mean_tcav(net, "
             "X, layer, cav).")
+    layers = [layer] if isinstance(layer, str) else (
+        list(layer) if isinstance(layer, (list, tuple)) else None)
+    if not layers or not all(isinstance(name, str) for name in layers):
+        raise ValueError(f"layer must be a layer name (str) or a non-empty list of layer names, "
+                        f"got {layer!r}.")
     check_choice("cav_method", cav_method, CAV_METHODS)
     check_real("alpha", alpha, low=0, high=1, low_open=True, high_open=True)
     check_real("C", C, low=0, low_open=True)
     check_int("batch_size", batch_size)
-    check_input(X)  # fail before the CAVs are fitted
+    X, _ = check_input(X)  # fail before the CAVs are fitted
     rng = check_random_state(check_seed("random_state", random_state))
-    device = module_device(get_module(network(net)))
-    (A_concept,) = _flat_activations(net, [("concept_X", concept_X)], layer, batch_size, device)
-    randoms = _random_activations(net, random_X, n_random, random_size, len(A_concept), layer,
-                                  batch_size, device, rng)
+    check_precision(precision, module_device(get_module(network(net))))
+    concept_X, _ = check_input(concept_X, name="concept_X")
+    random_sets, draws = _random_sets(random_X, n_random, random_size, n_samples(concept_X), rng)
+    acts = _layer_activations(net, [("concept_X", concept_X)] + random_sets, layers, batch_size,
+                              precision)
+    grads = _flat_gradients(net, X, layers, target, batch_size, precision)
+    results = {}
+    for j, name in enumerate(layers):
+        A_concept = acts[0][j]
+        if draws is None:
+            randoms = [per_set[j] for per_set in acts[1:]]
+        else:
+            randoms = [acts[1][j][idx] for idx in draws]
+        results[name] = _tcav_layer(A_concept, randoms, grads[j], cav_method, C, alpha, rng,
+                                    ttest_ind, Bunch)
+    return results[layer] if isinstance(layer, str) else results
+
+
+def _flat_gradients(net, X, layers, target, batch_size, precision):
+    """``d f_target / d a`` at every layer in ``layers`` for ``X``, flattened (float64, CPU):
+    one forward and one backward pass per batch for all layers."""
+    module = get_module(network(net))
+    device = module_device(module)
+    mods = [find_layer(module, name) for name in layers]
+    n = n_samples(X)
+    if n == 0:
+        raise ValueError("X is empty: tcav_score needs at least one sample.")
+    target = check_target(target, n)
+    check_network_input(module, first_batch(X), "X")
+    out = [[] for _ in layers]
+    start = 0
+    with preserve_mode(module, train=False):
+        for xb in iter_batches(X, batch_size=batch_size, device=device):
+            with torch.enable_grad(), contextlib.ExitStack() as stack:
+                stores = [stack.enter_context(capture_output(m, detach=False, requires_grad=True))
+                          for m in mods]
+                with autocast(precision, device):
+                    logits = module(xb)
+                if isinstance(logits, (tuple, list)):
+                    logits = logits[0]
+                missing = [layers[j] for j, st in enumerate(stores) if not st]
+                if missing:
+                    raise ValueError(f"Layer {missing[0]!r} is not called in the forward pass.")
+                if target is None:
+                    t = logits.detach().argmax(dim=1)
+                elif np.ndim(target) == 0:
+                    t = torch.full((xb.shape[0],), target, dtype=torch.long, device=logits.device)
+                else:
+                    t = torch.as_tensor(target[start:start + xb.shape[0]], device=logits.device)
+                if int(t.min()) < 0 or int(t.max()) >= logits.shape[1]:
+                    raise ValueError(
+                        f"target must hold class indices in [0, {logits.shape[1] - 1}].")
+                grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(),
+                                            [st[-1] for st in stores])
+            for j, g in enumerate(grads):
+                out[j].append(g.reshape(g.shape[0], -1).to("cpu", torch.float64))
+            start += xb.shape[0]
+    return [torch.cat(parts) for parts in out]
+
+
+def _tcav_layer(A_concept, randoms, G, cav_method, C, alpha, rng, ttest_ind, Bunch):
+    """The TCAV result of one layer from its activations and its input gradients ``G``."""
     n_runs = len(randoms)
 
     def fit(A_pos, A_neg):
@@ -507,14 +622,9 @@ def tcav_score(net, X, layer, concept_X, random_X, target=None, *, n_random=None
     cavs = np.stack([fit(A_concept, R) for R in randoms])
     random_cavs = np.stack([fit(randoms[(i + 1) % n_runs], R) for i, R in enumerate(randoms)])
     V = np.vstack([cavs, random_cavs])
-    S = []
-    for a, g in layer_gradients(net, X, layer, target, batch_size, "tcav_score"):
-        g = g.reshape(g.shape[0], -1)
-        if g.shape[1] != V.shape[1]:  # pragma: no cover - same layer, same flattening
-            raise ValueError(f"layer {layer!r} gradients have {g.shape[1]} entries, the CAVs "
-                             f"{V.shape[1]}.")
-        S.append((g.double() @ torch.as_tensor(V.T, device=g.device)).cpu().numpy())
-    S = np.concatenate(S).T  # (2 * n_runs, n)
+    if G.shape[1] != V.shape[1]:  # pragma: no cover - same layer, same flattening
+        raise ValueError(f"the gradients have {G.shape[1]} entries, the CAVs {V.shape[1]}.")
+    S = (G @ torch.from_numpy(V.T)).numpy().T  # (2 * n_runs, n)
     scores = np.mean(S[:n_runs] > 0, axis=1)
     random_scores = np.mean(S[n_runs:] > 0, axis=1)
     with np.errstate(all="ignore"), warnings.catch_warnings():

@@ -230,3 +230,19 @@ def test_canonizers_argument():
     with pytest.raises(ValueError, match="canonizers cannot be combined with a composite instance"):
         attribute(net, X, device="cpu", composite=EpsilonPlusFlat(),
                   canonizers=[SequentialMergeBatchNorm()])
+
+
+def test_attribute_explains_a_fitted_correctors_network():
+    from skdebias import GradientPenaltyCorrector
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(2 * 4 * 4, 2))
+    rng = np.random.RandomState(0)
+    X = rng.rand(40, 1, 6, 6).astype("float32")
+    rr = GradientPenaltyCorrector(net, "1", max_epochs=1, device="cpu", random_state=0).fit(
+        X, rng.randint(0, 2, 40), concept_labels=rng.randint(0, 2, 40))
+    maps = attribute(rr, X[:4], target=0, method="gradient", device="cpu")
+    expected = attribute(rr.module_, X[:4], target=0, method="gradient", device="cpu")
+    np.testing.assert_allclose(maps, expected)
+    assert np.abs(maps).sum() > 0

@@ -407,3 +407,58 @@ def test_tcav_agrees_in_sign_with_captum():
     ours = tcav_score(net, X, "1", concept, random_sets, target=0, random_state=0)
     assert np.all(captum_scores < 0.5) and np.all(ours.scores < 0.5)
     np.testing.assert_allclose(ours.scores, captum_scores, atol=0.1)
+
+
+def test_tcav_several_layers_at_once_equal_one_call_per_layer():
+    """A list of layers shares the forward and backward passes; each layer's result is the one
+    a call for that layer alone gives (same seed, same random sets)."""
+    from skdebias import tcav_score
+
+    rng = np.random.RandomState(0)
+    net = _localized_net()
+    X, concept, pool = _images(30, rng), _images(20, rng, patch=True), _images(60, rng)
+    both = tcav_score(net, X, ["0", "1"], concept, pool, target=0, n_random=4, random_state=0)
+    assert list(both) == ["0", "1"]
+    # the second layer's CAV seeds follow the first layer's in one call: compare the
+    # directional derivatives with the hand computation instead of a separate call for "1"
+    alone = tcav_score(net, X, "0", concept, pool, target=0, n_random=4, random_state=0)
+    np.testing.assert_array_equal(both["0"].cavs, alone.cavs)
+    np.testing.assert_allclose(both["0"].directional_derivatives,
+                               alone.directional_derivatives, rtol=1e-12)
+    for layer in ("0", "1"):
+        hand = _hand_directional_derivatives(net, X, both[layer].cavs, 0, layer)
+        np.testing.assert_allclose(both[layer].directional_derivatives, hand, rtol=1e-5,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match="layer must be a layer name"):
+        tcav_score(net, X, [], concept, pool, target=0)
+
+
+def test_tcav_counts_forward_passes():
+    """One forward pass per batch of every image set for all layers, and one per batch of X
+    for the gradients (plus one single-sample check of each input): no pass per layer or per
+    random set."""
+    from skdebias import tcav_score
+
+    rng = np.random.RandomState(0)
+    net = _localized_net()
+    calls = []
+    net.register_forward_pre_hook(lambda m, inp: calls.append(inp[0].shape[0]))
+    X, concept = _images(12, rng), _images(10, rng, patch=True)
+    randoms = [_images(10, rng) for _ in range(3)]
+    tcav_score(net, X, ["0", "1"], concept, randoms, target=0, batch_size=64, random_state=0)
+    # two single-sample checks, 4 image sets, X once
+    assert sorted(calls) == [1, 1, 10, 10, 10, 10, 12]
+
+
+def test_tcav_bfloat16_scores_match_float32():
+    from skdebias import tcav_score
+
+    rng = np.random.RandomState(0)
+    net = _localized_net()
+    X, concept, pool = _images(40, rng), _images(20, rng, patch=True), _images(80, rng)
+    kw = dict(target=0, n_random=5, random_state=0)
+    a = tcav_score(net, X, "1", concept, pool, **kw)
+    b = tcav_score(net, X, "1", concept, pool, precision="bfloat16", **kw)
+    assert abs(a.mean - b.mean) <= 0.05
+    with pytest.raises(ValueError, match="precision"):
+        tcav_score(net, X, "1", concept, pool, precision="float64", **kw)

@@ -78,3 +78,36 @@ def test_limit_threads_restores_the_count_also_after_an_error():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- precision
+def test_check_precision_names_the_bad_value_and_the_allowed_ones():
+    from skdebias._utils._runtime import check_precision
+
+    assert check_precision("bfloat16", "cpu") == "bfloat16"
+    assert check_precision("float32", torch.device("cpu")) == "float32"
+    with pytest.raises(ValueError, match=r"precision.*'fp8'.*float32.*bfloat16.*float16"):
+        check_precision("fp8", "cpu")
+    with pytest.raises(ValueError, match="precision='float16' needs a CUDA device.*bfloat16"):
+        check_precision("float16", "cpu")
+
+
+def test_autocast_float32_is_a_no_op_and_bfloat16_lowers_matmuls():
+    from skdebias._utils._runtime import autocast
+
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with autocast("float32", "cpu"):
+        assert lin(x).dtype == torch.float32
+    with autocast("bfloat16", torch.device("cpu")):
+        out = lin(x)
+        assert out.dtype == torch.bfloat16
+    assert lin(x).dtype == torch.float32  # restored after the block
+
+
+def test_grad_scaler_only_for_float16():
+    from skdebias._utils._runtime import grad_scaler
+
+    assert grad_scaler("float32", "cpu") is None
+    assert grad_scaler("bfloat16", "cpu") is None
+    assert isinstance(grad_scaler("float16", "cuda"), torch.amp.GradScaler)

@@ -1,4 +1,4 @@
-"""Runtime settings of a fit: device, seeds, progress bars, CPU threads."""
+"""Runtime settings of a fit: device, precision, seeds, progress bars, CPU threads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import contextlib
 
 import torch
 
-__all__ = ["resolve_device", "set_seed", "progress_bar", "limit_threads"]
+__all__ = ["resolve_device", "set_seed", "progress_bar", "limit_threads", "PRECISIONS",
+           "check_precision", "autocast", "grad_scaler"]
+
+#: Values of the ``precision`` parameter of the estimators that run a network.
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def resolve_device(device="auto") -> torch.device:
@@ -77,3 +81,48 @@ def limit_threads(n: int = 1):
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+def check_precision(precision, device) -> str:
+    """Check ``precision`` (one of :data:`PRECISIONS`) for a run on ``device``; return it.
+
+    ``"float16"`` needs a CUDA device: the CPU has no fast half-precision kernels, and
+    training in float16 without a GPU would be slower than float32, so it raises (use
+    ``"bfloat16"`` on the CPU).
+    """
+    from ._validation import check_choice
+
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "float16" and torch.device(device).type != "cuda":
+        raise ValueError(
+            f"precision='float16' needs a CUDA device, got device={str(device)!r}; on the CPU "
+            "use precision='bfloat16' (or 'float32').")
+    return precision
+
+
+@contextlib.contextmanager
+def autocast(precision, device):
+    """Run the block under :func:`torch.autocast` at ``precision`` on ``device``'s type.
+
+    ``"float32"`` changes nothing. Otherwise matrix products and convolutions (forward
+    passes, and the backward passes of the graph they build) run in bfloat16 or float16;
+    which ops stay in float32 follows torch's autocast op lists for the device. Callers
+    convert what they return to float32. ``precision`` must have passed
+    :func:`check_precision`.
+    """
+    if precision == "float32":
+        yield
+        return
+    with torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, precision)):
+        yield
+
+
+def grad_scaler(precision, device):
+    """A :class:`torch.amp.GradScaler` for training at ``precision``, or ``None``.
+
+    Only float16 needs loss scaling (its small exponent range lets gradients underflow to
+    zero); float32 and bfloat16 train without it.
+    """
+    if precision != "float16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)

@@ -19,9 +19,10 @@ from sklearn.utils.validation import check_is_fitted
 from sklearn.utils import check_random_state
 from skorch import NeuralNet, NeuralNetClassifier
 from skorch.callbacks import Callback, GradientNormClipping
-from skorch.dataset import ValidSplit
+from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
+from .._utils._accelerate import accelerate_net
 from .._utils._data import dataset_targets, iter_batches, n_samples, take
 from .._utils._hooks import trace_layer
 from .._utils._modules import (
@@ -34,7 +35,7 @@ from .._utils._modules import (
     to_logits,
     to_probabilities,
 )
-from .._utils._runtime import resolve_device
+from .._utils._runtime import autocast, grad_scaler, resolve_device
 from .._utils._training import DivergenceGuard
 from .._utils._validation import (
     UNLABELLED,
@@ -110,7 +111,7 @@ def resolve_train_layers(module, layer, train_layers, before):
 
 
 def resolve_cav(cav, module, layer, X, concept_labels, out_shape, batch_size, device,
-                pooling="max"):
+                pooling="max", precision="float32"):
     """Fit (or check) the CAV; return ``(unit vector float32, fitted estimator or None, A, t)``.
 
     ``A`` / ``t`` are the activations (max-pooled, or flattened with
@@ -122,7 +123,7 @@ def resolve_cav(cav, module, layer, X, concept_labels, out_shape, batch_size, de
     if concept_labels is not None:
         idx = np.flatnonzero(concept_labels != UNLABELLED)
         extractor = ActivationExtractor(module, layer, pooling=pooling, batch_size=batch_size,
-                                        device=device)
+                                        device=device, precision=precision)
         X_lab = take(X, idx)
         A = extractor.fit(X_lab).transform(X_lab)
         t = concept_labels[idx]
@@ -159,12 +160,59 @@ def resolve_cav(cav, module, layer, X, concept_labels, out_shape, batch_size, de
 
 # ------------------------------------------------------------------ skorch
 class _CorrectionNet(InterruptibleMixin, NeuralNetClassifier):
-    """NeuralNetClassifier that keeps ``eval_modules`` of the module in eval mode while training."""
+    """NeuralNetClassifier that keeps ``eval_modules`` of the module in eval mode while training.
 
-    def __init__(self, module, *args, eval_modules=(), output_space="logits", **kwargs):
+    Forward passes run at ``precision`` (autocast; the outputs are returned in float32, so
+    the losses are float32); float16 training scales the loss (``torch.amp.GradScaler``) and
+    unscales the gradients before the callbacks see them (gradient clipping).
+    """
+
+    def __init__(self, module, *args, eval_modules=(), output_space="logits",
+                 precision="float32", **kwargs):
         super().__init__(module, *args, **kwargs)
         self.eval_modules = eval_modules
         self.output_space = output_space
+        self.precision = precision
+
+    def infer(self, x, **fit_params):
+        with autocast(self.precision, self.device):
+            y = super().infer(x, **fit_params)
+        return y.float() if torch.is_tensor(y) and y.is_floating_point() else y
+
+    def _grad_scaler(self):
+        if self.precision != "float16":
+            return None
+        if getattr(self, "_scaler", None) is None:
+            self._scaler = grad_scaler(self.precision, self.device)
+        return self._scaler
+
+    def train_step_single(self, batch, **fit_params):
+        scaler = self._grad_scaler()
+        if scaler is None:
+            return super().train_step_single(batch, **fit_params)
+        self._set_training(True)
+        Xi, yi = unpack_data(batch)
+        y_pred = self.infer(Xi, **fit_params)
+        loss = self.get_loss(y_pred, yi, X=Xi, training=True)
+        scaler.scale(loss).backward()
+        for name in self._optimizers:
+            scaler.unscale_(getattr(self, name + "_"))
+        return {"loss": loss, "y_pred": y_pred}
+
+    def _step_optimizer(self, step_fn):
+        scaler = self._grad_scaler()
+        if scaler is None:
+            return super()._step_optimizer(step_fn)
+        step_fn()
+        for name in self._optimizers:
+            scaler.step(getattr(self, name + "_"))
+        scaler.update()
+        return None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_scaler", None)
+        return state
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         # the classification losses are computed on logits, whatever the network's last layer
@@ -243,6 +291,14 @@ def build_net(net_class, module, corrector, max_epochs, extra=None):
         seed = check_random_state(corrector.random_state).randint(np.iinfo(np.int32).max)
         kwargs.setdefault("iterator_train__generator", torch.Generator().manual_seed(int(seed)))
     kwargs.update(extra or {})
+    kwargs["device"] = str(resolve_device(corrector.device))
+    if getattr(corrector, "num_workers", 0):
+        # Dataset input (and arrays that skorch wraps) read by DataLoader worker processes
+        for iterator in ("iterator_train", "iterator_valid"):
+            kwargs.setdefault(f"{iterator}__num_workers", corrector.num_workers)
+            kwargs.setdefault(f"{iterator}__pin_memory", kwargs["device"].startswith("cuda"))
+    # data-parallel through Accelerate when the caller's net or net_params has an accelerator
+    net_class, kwargs = accelerate_net(net_class, user, kwargs)
     return net_class(
         module,
         criterion=criterion,
@@ -255,7 +311,7 @@ def build_net(net_class, module, corrector, max_epochs, extra=None):
         output_space=corrector.output_,
         # skorch's own predict_proba of estimator_ then gives probabilities too
         predict_nonlinearity=functools.partial(to_probabilities, output=corrector.output_),
-        device=str(resolve_device(corrector.device)),
+        precision=corrector.precision,
         verbose=corrector.verbose,
         **kwargs,
     )
@@ -276,8 +332,9 @@ class _CAVCorrector(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEstimato
 
     def __init__(self, estimator, layer, cav, train_layers, max_epochs, lr, batch_size,
                  optimizer, callbacks, validation_fraction, net_params, output, max_grad_norm,
-                 device, random_state, verbose):
-        super().__init__(estimator, batch_size, device, verbose)
+                 device, random_state, verbose, precision="float32", num_workers=0):
+        super().__init__(estimator, batch_size, device, verbose, precision=precision,
+                         num_workers=num_workers)
         self.layer = layer
         self.cav = cav
         self.train_layers = train_layers
@@ -344,14 +401,15 @@ class _CAVCorrector(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEstimato
         y_idx = encode_y(y, self.classes_)
         self.cav_, self.cav_estimator_, A, t = resolve_cav(
             self.cav, module, self.layer, X, concept_labels, out_shape, self.batch_size, device,
-            pooling=pooling)
+            pooling=pooling, precision=self.precision)
         return {"X": X, "y_idx": y_idx, "concept_labels": concept_labels, "module": module,
                 "device": device, "before": before, "A": A, "t": t, "n_outputs": n_outputs}
 
     # ---------------------------------------------------------------- prediction
     def _predict_proba(self, X):
-        return predict_proba(self.module_, X, batch_size=max(int(self.batch_size), 256),
-                             output=self.output_)
+        with self._autocast(self.estimator_.device):
+            return predict_proba(self.module_, X, batch_size=max(int(self.batch_size), 256),
+                                 output=self.output_)
 
     @property
     def module_(self):

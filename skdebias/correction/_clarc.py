@@ -176,7 +176,7 @@ class ClassArtifactCompensator(_CAVCorrector):
         and attacked accuracy over seeds 0-2, against 1.9 / 7.0 / 13.3 with
         ``"max"`` (docs/correction.md).
     lr, batch_size, optimizer, train_layers, callbacks, validation_fraction, net_params, output,
-    max_grad_norm, device, random_state, verbose
+    max_grad_norm, device, precision, random_state, verbose, num_workers
         Fine-tuning settings, as in :class:`GradientPenaltyCorrector`.
 
     Attributes
@@ -223,13 +223,14 @@ class ClassArtifactCompensator(_CAVCorrector):
                  reference=None, pooling="max", lr=1e-4, batch_size=64,
                  optimizer=None, train_layers="after", callbacks=None,
                  validation_fraction=0.0, net_params=None, output="auto", max_grad_norm=100.0,
-                 device="auto", random_state=None, verbose=0):
+                 device="auto", precision="float32", random_state=None, verbose=0,
+                 num_workers=0):
         self.mode = mode
         self.reference = reference
         self.pooling = pooling
         super().__init__(estimator, layer, cav, train_layers, max_epochs, lr, batch_size,
                          optimizer, callbacks, validation_fraction, net_params, output,
-                         max_grad_norm, device, random_state, verbose)
+                         max_grad_norm, device, random_state, verbose, precision, num_workers)
 
     def _check_params(self):
         check_choice("mode", self.mode, CLARC_MODES)

@@ -364,6 +364,12 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
     batch_size : int, default=256
         Batch size of the feature extraction.
     device : str or torch.device, default="auto"
+    num_workers : int, default=0
+        DataLoader worker processes that read a Dataset input (0: read in this
+        process); arrays and tensors are sliced per batch. See docs/parameters.md.
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        Arithmetic of the network's forward passes that compute the last layer's inputs
+        (torch autocast); ``"float16"`` needs CUDA. The Newton steps on the head run in float64.
     random_state : int, RandomState instance or None, default=None
         Seeds the subset of pairs and the held-out split.
     verbose : int, default=0
@@ -422,8 +428,9 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
                  max_halvings=8, max_accuracy_drop=0.02, refresh_hessian=True, solver="auto",
                  cg_tol=1e-4, cg_max_iter=100, n_pairs=500, validation_fraction=0.2,
                  counterfactual=None, batch_size=256, device="auto", random_state=None,
-                 verbose=0):
-        super().__init__(estimator, batch_size, device, verbose)
+                 verbose=0, precision="float32", num_workers=0):
+        super().__init__(estimator, batch_size, device, verbose, precision=precision,
+                         num_workers=num_workers)
         self.layer = layer
         self.damping = damping
         self.step_size = step_size
@@ -486,9 +493,10 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         """Inputs of the last layer (float64, CPU) for ``X`` (optionally a subset)."""
         hint = ("FastModelDebiaser needs the last linear layer to produce the logits."
                 if check_output else None)
-        return layer_inputs(self.module_, self.layer_, X, self.batch_size, self.device_,
-                            indices=indices, check_output=hint, verbose=self.verbose,
-                            desc=desc).double()
+        with self._autocast(self.device_):
+            return layer_inputs(self.module_, self.layer_, X, self.batch_size, self.device_,
+                                indices=indices, check_output=hint, verbose=self.verbose,
+                                desc=desc).double()
 
     # ---------------------------------------------------------------- fit
     @atomic_fit

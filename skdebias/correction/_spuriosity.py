@@ -123,6 +123,12 @@ class SpuriosityHeadFinetuner(ClassifierMixin, NetworkClassifierMixin, BaseNetwo
     batch_size : int, default=64
         Batch size of feature extraction and of head training.
     device : str or torch.device, default="auto"
+    num_workers : int, default=0
+        DataLoader worker processes that read a Dataset input (0: read in this
+        process); arrays and tensors are sliced per batch. See docs/parameters.md.
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        Arithmetic of the network's forward passes that compute the last layer's inputs
+        (torch autocast); ``"float16"`` needs CUDA. The head is trained in float32.
     random_state : int, RandomState instance or None, default=None
         Seeds the validation split, the random baseline and the training order.
     verbose : int, default=0
@@ -192,8 +198,9 @@ class SpuriosityHeadFinetuner(ClassifierMixin, NetworkClassifierMixin, BaseNetwo
     def __init__(self, estimator, ranker=None, layer=None, k=10, target_gap=0.05, baseline=None,
                  max_accuracy_drop=0.02, val_k=10, validation_fraction=0.25, max_epochs=300,
                  lr=1e-3, weight_decay=0.0, batch_size=64, device="auto", random_state=None,
-                 verbose=0):
-        super().__init__(estimator, batch_size, device, verbose)
+                 verbose=0, precision="float32", num_workers=0):
+        super().__init__(estimator, batch_size, device, verbose, precision=precision,
+                         num_workers=num_workers)
         self.ranker = ranker
         self.layer = layer
         self.k = k
@@ -230,8 +237,9 @@ class SpuriosityHeadFinetuner(ClassifierMixin, NetworkClassifierMixin, BaseNetwo
         """Inputs of the head for ``X``: float32 tensor (n, d) on the CPU."""
         hint = ("SpuriosityHeadFinetuner trains the layer that produces the logits."
                 if check_output else None)
-        return layer_inputs(self.module_, self.layer_, X, self.batch_size, self.device_,
-                            check_output=hint, verbose=self.verbose, desc=desc)
+        with self._autocast(self.device_):
+            return layer_inputs(self.module_, self.layer_, X, self.batch_size, self.device_,
+                                check_output=hint, verbose=self.verbose, desc=desc).float()
 
     def _spuriosity(self, F, y, given, name):
         if given is not None:
