@@ -1,10 +1,11 @@
 """Spectral Relevance Analysis (SpRAy; Lapuschkin et al. 2019, Anders et al. 2022).
 
 Per class, the attribution maps of the class's samples are downsized,
-normalised and clustered spectrally: a k-nearest-neighbour graph over the maps,
-the eigenvalues of its normalised graph Laplacian (the *eigengap* between
-consecutive eigenvalues suggests the number of distinct prediction strategies),
-and k-means on the spectral embedding. A small, well separated cluster is a
+normalised and clustered: by default the number of clusters and the affinity
+(k-means on the spectral embedding of a k-nearest-neighbour graph, or k-means
+on the maps themselves) are the ones whose partition has the largest mean
+silhouette on the maps; the *eigengap* of the graph Laplacian (the original
+SpRAy criterion) is kept as an option. A small, well separated cluster is a
 candidate "Clever Hans" strategy; its members become concept labels for a CAV
 or a corrector (:meth:`SpectralRelevanceAnalysis.concept_labels_for`).
 """
@@ -20,19 +21,25 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import laplacian
 from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
 from sklearn.neighbors import kneighbors_graph
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._utils._data import first_batch, n_samples, take
 from ._utils._modules import get_module, n_outputs, network_classes
-from ._utils._validation import check_int, check_seed, check_y, encode_y
+from ._utils._validation import check_choice, check_int, check_seed, check_y, encode_y
 from .attribution import ATTRIBUTION_METHODS, attribute
 from .base import BaseNetworkEstimator, atomic_fit
 
-__all__ = ["SpectralRelevanceAnalysis", "spectral_embedding_eigengap"]
+__all__ = ["SpectralRelevanceAnalysis", "spectral_embedding_eigengap", "CLUSTER_SELECTIONS"]
 
 _NORMALIZE = ("l2", "max", None)
+#: How the number of clusters per class is chosen.
+CLUSTER_SELECTIONS = ("silhouette", "eigengap")
+#: Largest number of maps the silhouette is computed on (a seeded subsample beyond it):
+#: the silhouette costs O(n^2).
+_SILHOUETTE_SAMPLES = 2000
 
 
 def spectral_embedding_eigengap(affinity, max_clusters=8, n_clusters=None):
@@ -119,11 +126,29 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
     n_neighbors : int, default=10
         Neighbours of the affinity graph (clipped to the class size - 1).
     n_clusters : int or None, default=None
-        Fixed number of clusters per class; ``None`` uses the eigengap.
+        Fixed number of clusters per class; ``None`` chooses it by
+        ``cluster_selection``.
     max_clusters : int, default=8
-        Largest number of clusters the eigengap may suggest.
+        Largest number of clusters that may be chosen.
+    cluster_selection : {"silhouette", "eigengap"}, default="silhouette"
+        ``"silhouette"``: for every ``k`` in ``2 .. max_clusters``, two
+        partitions are tried (k-means on the spectral embedding of the
+        k-nearest-neighbour graph, and k-means on the maps themselves); the
+        one with the largest mean silhouette on the maps wins (with a given
+        ``n_clusters``, the better of the two at that ``k``). A class stays one
+        cluster only when no partition reaches a positive silhouette.
+        ``"eigengap"``: the largest gap between consecutive eigenvalues of the
+        graph Laplacian (original SpRAy) and the spectral partition. The
+        eigengap can miss a strategy that the maps separate cleanly (a local
+        artifact with ~20 % of the relevance in 70 % of a class: eigengap 1 or
+        3 clusters, silhouette 2 clusters matching the artifact).
     batch_size : int, default=64
     device : str or torch.device, default="auto"
+    num_workers : int, default=0
+        DataLoader worker processes that read a Dataset input (0: read in this
+        process); arrays and tensors are sliced per batch. See docs/parameters.md.
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        Arithmetic of the attribution passes (torch autocast); ``"float16"`` needs CUDA.
     random_state : int, RandomState instance or None, default=None
         Seeds k-means.
     verbose : int, default=0
@@ -146,6 +171,14 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
         ``{class: (n_c, m) eigenvectors}``, column 0 the trivial one.
     separability_ : dict
         ``{class: (n_clusters,) separability per cluster}``.
+    confidence_ : dict
+        ``{class: mean silhouette of the class's partition}`` on the maps, in
+        [-1, 1] (0 for a single cluster). Near 1: the strategies are clearly
+        distinct; below about 0.25 the clusters split one continuous
+        strategy and should not be read as distinct ones.
+    affinity_ : dict
+        ``{class: "knn" or "maps"}``: whether the partition came from the
+        spectral embedding of the neighbour graph or from the maps directly.
     cluster_sizes_ : dict
         ``{class: (n_clusters,) members per cluster}``.
     maps_ : dict
@@ -177,8 +210,11 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
 
     def __init__(self, estimator, classes=None, method="lrp", composite="EpsilonPlusFlat",
                  map_size=14, normalize="l2", n_neighbors=10, n_clusters=None, max_clusters=8,
-                 batch_size=64, device="auto", random_state=None, verbose=0):
-        super().__init__(estimator, batch_size, device, verbose)
+                 cluster_selection="silhouette",
+                 batch_size=64, device="auto", random_state=None, verbose=0,
+                 precision="float32", num_workers=0):
+        super().__init__(estimator, batch_size, device, verbose, precision=precision,
+                         num_workers=num_workers)
         self.classes = classes
         self.method = method
         self.composite = composite
@@ -187,6 +223,7 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
         self.n_neighbors = n_neighbors
         self.n_clusters = n_clusters
         self.max_clusters = max_clusters
+        self.cluster_selection = cluster_selection
         self.random_state = random_state
 
     def __sklearn_tags__(self):
@@ -203,6 +240,7 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
         check_int("map_size", self.map_size)
         check_int("n_neighbors", self.n_neighbors)
         check_int("max_clusters", self.max_clusters)
+        check_choice("cluster_selection", self.cluster_selection, CLUSTER_SELECTIONS)
         check_int("batch_size", self.batch_size)
         if self.n_clusters is not None:
             check_int("n_clusters", self.n_clusters)
@@ -223,29 +261,72 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
         return F / np.where(norm > 0, norm, 1.0)
 
     def _cluster(self, F, rng):
+        """Partition one class's maps; returns (labels, k, eigenvalues, embedding, affinity,
+        confidence, affinity name)."""
         n = F.shape[0]
         if n < 3:
             labels = np.zeros(n, dtype=np.int64)
             return labels, 1, np.zeros(min(n, 1)), np.ones((n, 1)) / np.sqrt(max(n, 1)), \
-                np.ones((n, n)) - np.eye(n)
+                np.ones((n, n)) - np.eye(n), 0.0, "knn"
         nn_ = min(int(self.n_neighbors), n - 1)
         G = kneighbors_graph(F, n_neighbors=nn_, mode="connectivity", include_self=False)
         A = G.maximum(G.T).tocsr()
-        k, vals, vecs = spectral_embedding_eigengap(A, self.max_clusters, self.n_clusters)
-        if k <= 1:
-            return np.zeros(n, dtype=np.int64), 1, vals, vecs, A
+        forced = self.n_clusters
+        if self.cluster_selection == "eigengap":
+            k, vals, vecs = spectral_embedding_eigengap(A, self.max_clusters, forced)
+            if k <= 1:
+                return np.zeros(n, dtype=np.int64), 1, vals, vecs, A, 0.0, "knn"
+            labels = self._spectral_labels(vecs, k, rng)
+            return (*self._renumber(labels), vals, vecs, A,
+                    self._silhouette(F, labels, rng), "knn")
+        m = max(int(self.max_clusters), int(forced or 1))
+        _, vals, vecs = spectral_embedding_eigengap(A, m, n_clusters=1)
+        # k-means cannot make more clusters than there are distinct maps
+        n_distinct = len(np.unique(F, axis=0))
+        ks = [int(forced)] if forced is not None else range(2, min(m, n - 1, n_distinct) + 1)
+        best = (0.0, np.zeros(n, dtype=np.int64), "knn")
+        for k in ks:
+            if k <= 1:
+                continue
+            for name, labels in (("knn", self._spectral_labels(vecs, k, rng)),
+                                 ("maps", self._kmeans(F, k, rng))):
+                score = self._silhouette(F, labels, rng)
+                # ties go to the smaller k and to the graph (first tried)
+                if score > best[0] + 1e-12 or (forced is not None and best[0] == 0.0
+                                                and len(np.unique(labels)) > 1):
+                    best = (score, labels, name)
+        labels, k = self._renumber(best[1])
+        return labels, k, vals, vecs, A, float(best[0]) if k > 1 else 0.0, best[2]
+
+    @staticmethod
+    def _kmeans(U, k, rng):
+        km = KMeans(n_clusters=k, n_init=10, random_state=rng.randint(np.iinfo(np.int32).max))
+        return km.fit_predict(U).astype(np.int64)
+
+    def _spectral_labels(self, vecs, k, rng):
         U = vecs[:, :k]
         norms = np.linalg.norm(U, axis=1, keepdims=True)
-        U = U / np.where(norms > 0, norms, 1.0)
-        km = KMeans(n_clusters=k, n_init=10, random_state=rng.randint(np.iinfo(np.int32).max))
-        labels = km.fit_predict(U).astype(np.int64)
-        # clusters numbered by decreasing size, ties by first member
+        return self._kmeans(U / np.where(norms > 0, norms, 1.0), k, rng)
+
+    @staticmethod
+    def _silhouette(F, labels, rng):
+        """Mean silhouette of ``labels`` on the maps (0 when there are fewer than 2 clusters)."""
+        n_labels = len(np.unique(labels))
+        if n_labels < 2 or n_labels >= len(labels):
+            return 0.0
+        size = _SILHOUETTE_SAMPLES if len(labels) > _SILHOUETTE_SAMPLES else None
+        return float(silhouette_score(F, labels, sample_size=size,
+                                      random_state=rng.randint(np.iinfo(np.int32).max)))
+
+    @staticmethod
+    def _renumber(labels):
+        """Clusters numbered by decreasing size, ties by first member; returns (labels, k)."""
         ids, counts = np.unique(labels, return_counts=True)
         first = np.array([np.flatnonzero(labels == i)[0] for i in ids])
         order = ids[np.lexsort((first, -counts))]
-        remap = np.empty(k, dtype=np.int64)
+        remap = np.zeros(int(ids.max()) + 1, dtype=np.int64)
         remap[order] = np.arange(len(order))
-        return remap[labels], len(order), vals, vecs, A
+        return remap[labels], len(order)
 
     @staticmethod
     def _separability(A, labels, k):
@@ -296,6 +377,7 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
         self.labels_ = np.full(n, -1, dtype=np.int64)
         self.indices_, self.n_clusters_, self.eigenvalues_ = {}, {}, {}
         self.embedding_, self.separability_, self.cluster_sizes_, self.maps_ = {}, {}, {}, {}
+        self.confidence_, self.affinity_ = {}, {}
         self.method_ = self.method
         two_d = shape is not None and len(shape) == 1
         for c in classes.tolist():
@@ -306,13 +388,13 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
                 R = attribute(self.estimator, take(X, idx), target=target, method=self.method_,
                               composite=self.composite, batch_size=self.batch_size,
                               device=self.device, reduce_channels=not two_d,
-                              verbose=self.verbose)
+                              verbose=self.verbose, precision=self.precision)
             for w in caught:
                 if "falling back to gradient x input" in str(w.message):
                     self.method_ = "gradient_x_input"
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             F = self._prepare(R)
-            labels, k, vals, vecs, A = self._cluster(F, rng)
+            labels, k, vals, vecs, A, confidence, affinity = self._cluster(F, rng)
             self.labels_[idx] = labels
             self.indices_[c] = idx
             self.n_clusters_[c] = int(k)
@@ -320,6 +402,8 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
             self.embedding_[c] = vecs
             self.cluster_sizes_[c] = np.bincount(labels, minlength=k)
             self.separability_[c] = self._separability(A, labels, k)
+            self.confidence_[c] = confidence
+            self.affinity_[c] = affinity
             self.maps_[c] = F.astype(np.float32)
         self.n_samples_fit_ = n
         return self
@@ -383,7 +467,8 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
 
     def summary(self):
         """One dict per (class, cluster): ``class``, ``cluster``, ``size``, ``fraction``,
-        ``separability``; the smallest well separated clusters are Clever-Hans candidates."""
+        ``separability`` and the class's ``confidence``; the smallest well separated clusters
+        of confident classes are Clever-Hans candidates."""
         check_is_fitted(self, "labels_")
         rows = []
         for c in self.classes_.tolist():
@@ -391,5 +476,6 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
             for j in range(self.n_clusters_[c]):
                 rows.append({"class": c, "cluster": j, "size": int(self.cluster_sizes_[c][j]),
                              "fraction": float(self.cluster_sizes_[c][j] / total),
-                             "separability": float(self.separability_[c][j])})
+                             "separability": float(self.separability_[c][j]),
+                             "confidence": float(self.confidence_[c])})
         return rows

@@ -9,10 +9,25 @@ from torch import nn
 from ._utils._modules import last_linear, replace_module
 from ._utils._runtime import resolve_device
 
-__all__ = ["SmallCNN", "SeededNeuralNetClassifier", "make_classifier", "torchvision_model"]
+__all__ = ["SmallCNN", "VGGStyleCNN", "SmallResNet", "GAPCNN", "ZOO", "make_zoo_model",
+           "SeededNeuralNetClassifier", "make_classifier", "torchvision_model"]
 
 
-class SmallCNN(nn.Module):
+class _PooledCNN(nn.Module):
+    """``features`` -> global max pool (``pool``) -> ``classifier`` (Linear, ReLU, Linear): the
+    layout SmallCNN and VGGStyleCNN share, so that they share their layer names too."""
+
+    def _set_head(self, channels, hidden, n_classes):
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))
+
+
+class SmallCNN(_PooledCNN):
     """A three-block CNN with named layers, for 3-channel images of 28 px or more.
 
     Layers (names usable as ``layer=`` everywhere in skdebias)::
@@ -47,13 +62,202 @@ class SmallCNN(nn.Module):
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
         )
-        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
-        self.classifier = nn.Sequential(
-            nn.Linear(4 * w, hidden), nn.ReLU(), nn.Linear(hidden, n_classes),
+        self._set_head(4 * w, hidden, n_classes)
+
+
+class VGGStyleCNN(_PooledCNN):
+    """A VGG-style CNN with BatchNorm: two 3x3 convolutions per block, then max pooling.
+
+    Layers::
+
+        features.0 conv(in, w)   .1 BN  .2 ReLU  .3 conv(w, w)    .4 BN  .5 ReLU  .6 MaxPool
+        features.7 conv(w, 2w)   .8 BN  .9 ReLU  .10 conv(2w, 2w) .11 BN .12 ReLU .13 MaxPool
+        features.14 conv(2w, 4w) .15 BN .16 ReLU                   (last convolutional block)
+        pool       global max pool + flatten  -> (B, 4w)
+        classifier.0 Linear(4w, hidden)  classifier.1 ReLU  classifier.2 Linear(hidden, n_classes)
+
+    Parameters
+    ----------
+    n_classes, in_channels, width, hidden : int, default=10, 3, 16, 64
+        Outputs (logits), input channels, channels of the first block (doubled per
+        block) and units of the penultimate Linear layer, as in :class:`SmallCNN`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdebias.models import VGGStyleCNN
+    >>> VGGStyleCNN(n_classes=4)(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(self, n_classes=10, in_channels=3, width=16, hidden=64):
+        super().__init__()
+        w = width
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(in_channels, w), *block(w, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
         )
+        self._set_head(4 * w, hidden, n_classes)
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv + BN with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        # a module of its own, so hooks and LRP rules see the output of the block
+        self.relu2 = nn.ReLU()
 
     def forward(self, x):
-        return self.classifier(self.pool(self.features(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A small ResNet: a stem and three residual stages (one basic block each).
+
+    Layers::
+
+        stem     conv(in, w) + BN + ReLU
+        layer1   block(w, w)        layer2   block(w, 2w, stride 2)
+        layer3   block(2w, 4w, stride 2)  (its output ``layer3`` or ``layer3.relu2``)
+        pool     global average pool + flatten -> (B, 4w)
+        fc       Linear(4w, n_classes)
+
+    Parameters
+    ----------
+    n_classes, in_channels, width : int, default=10, 3, 16
+        Outputs (logits), input channels and channels of the first stage
+        (doubled per stage).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdebias.models import SmallResNet
+    >>> SmallResNet()(torch.zeros(2, 3, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, n_classes=10, in_channels=3, width=16):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(w), nn.ReLU())
+        self.layer1 = _BasicBlock(w, w)
+        self.layer2 = _BasicBlock(w, 2 * w, stride=2)
+        self.layer3 = _BasicBlock(2 * w, 4 * w, stride=2)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * w, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.layer3(self.layer2(self.layer1(self.stem(x))))))
+
+
+class GAPCNN(nn.Module):
+    """A CNN with global average pooling and a single Linear head (no hidden Linear layer).
+
+    Layers::
+
+        features.0 conv(in, w)   .1 ReLU  .2 MaxPool
+        features.3 conv(w, 2w)   .4 ReLU  .5 MaxPool
+        features.6 conv(2w, 4w)  .7 ReLU  .8 conv(4w, 4w)  .9 ReLU
+        pool       global average pool + flatten -> (B, 4w)
+        fc         Linear(4w, n_classes)
+
+    Parameters
+    ----------
+    n_classes, in_channels, width : int, default=10, 3, 16
+        Outputs (logits), input channels and channels of the first convolution
+        (doubled, then doubled again).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdebias.models import GAPCNN
+    >>> GAPCNN()(torch.zeros(2, 3, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, n_classes=10, in_channels=3, width=16):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU(),
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * w, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)))
+
+
+#: The zoo: name -> (module class, last convolutional layer, penultimate feature layer).
+#: The layers are those where concept directions (CAVs) and feature-space methods work.
+ZOO = {
+    "small_cnn": (SmallCNN, "features.6", "classifier.1"),
+    "vgg_bn": (VGGStyleCNN, "features.14", "classifier.1"),
+    "resnet": (SmallResNet, "layer3", "pool"),
+    "gap_cnn": (GAPCNN, "features.8", "pool"),
+}
+
+
+def make_zoo_model(name, *, n_classes=10, in_channels=3, width=16, random_state=None):
+    """A fresh (untrained) network of the zoo, with its conventional layers.
+
+    Parameters
+    ----------
+    name : {"small_cnn", "vgg_bn", "resnet", "gap_cnn"}
+        :class:`SmallCNN`, :class:`VGGStyleCNN` (BatchNorm), :class:`SmallResNet`
+        or :class:`GAPCNN` (global average pooling).
+    n_classes : int, default=10
+        Outputs (logits).
+    in_channels : int, default=3
+        Channels of the input images.
+    width : int, default=16
+        Channels of the first convolution.
+    random_state : int or None, default=None
+        Seeds torch's RNG before the weights are drawn (``None``: torch's
+        current state).
+
+    Returns
+    -------
+    module : torch.nn.Module
+    conv_layer : str
+        Name of the last convolutional layer's output (where CAVs are fitted).
+    feature_layer : str
+        Name of the layer that outputs the penultimate features (input of the
+        last Linear layer).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdebias.models import make_zoo_model
+    >>> net, conv, feats = make_zoo_model("resnet", random_state=0)
+    >>> conv, feats, net(torch.zeros(1, 3, 28, 28)).shape
+    ('layer3', 'pool', torch.Size([1, 10]))
+    """
+    if not isinstance(name, str) or name not in ZOO:
+        raise ValueError(f"name={name!r} is not a zoo model; choose one of {sorted(ZOO)}.")
+    cls, conv_layer, feature_layer = ZOO[name]
+    if random_state is not None:
+        torch.manual_seed(int(random_state))
+    return cls(n_classes=n_classes, in_channels=in_channels, width=width), conv_layer, \
+        feature_layer
 
 
 class SeededNeuralNetClassifier(NeuralNetClassifier):

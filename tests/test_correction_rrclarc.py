@@ -344,3 +344,54 @@ def test_pipeline_without_routing(small, artifact_net):
         artifact_net, LAYER, max_epochs=1, lr=5e-3, device="cpu", random_state=0))])
     pipe.fit(X, y, corrector__concept_labels=c)
     assert pipe.score(X, y) > 0.5
+
+
+# ------------------------------------------------------------------ reference-recipe options
+def test_train_layers_linear_trains_every_linear_layer(small, artifact_net):
+    """At a Linear layer, "linear" (the reference recipe) also trains the Linear layers up to it;
+    "after" trains only the ones after it."""
+    X, y, c = small
+    X, y, c = X[:128], y[:128], c[:128]
+    kw = dict(penalty=1.0, max_epochs=1, lr=1e-2, device="cpu", random_state=0)
+    lin = GradientPenaltyCorrector(artifact_net, "classifier.1", train_layers="linear",
+                                   **kw).fit(X, y, c)
+    after = GradientPenaltyCorrector(artifact_net, "classifier.1", **kw).fit(X, y, c)
+    assert lin.trainable_params_ == ["classifier.0.weight", "classifier.0.bias",
+                                     "classifier.2.weight", "classifier.2.bias"]
+    assert after.trainable_params_ == ["classifier.2.weight", "classifier.2.bias"]
+    before, got = state_copy(get_module(artifact_net)), state_copy(lin.module_)
+    assert not torch.equal(got["classifier.0.weight"], before["classifier.0.weight"])
+    torch.testing.assert_close(got["features.6.weight"], before["features.6.weight"],
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no torch.nn.Linear layer"):
+        GradientPenaltyCorrector(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten()), "0",
+                                 train_layers="linear", device="cpu").fit(X, y % 2, c)
+
+
+def test_cav_samples_correct_fits_on_correctly_predicted_samples(small, artifact_net):
+    from skdebias import CAVEstimator, ActivationExtractor
+
+    X, y, c = small
+    kw = dict(penalty=1.0, max_epochs=0, device="cpu", random_state=0)
+    # a network that gets some labelled samples wrong: labels shuffled within the labelled set
+    y_noisy = y.copy()
+    lab = np.flatnonzero(c != -1)
+    y_noisy[lab[::3]] = 5
+    default = GradientPenaltyCorrector(artifact_net, LAYER, **kw).fit(X, y_noisy, c)
+    correct = GradientPenaltyCorrector(artifact_net, LAYER, cav_samples="correct",
+                                       **kw).fit(X, y_noisy, c)
+    pred = artifact_net.predict(X)
+    keep = (c != -1) & (pred == y_noisy)
+    A = ActivationExtractor(artifact_net, LAYER, device="cpu").fit_transform(X[keep])
+    want = CAVEstimator().fit(A, c[keep]).cav_
+    np.testing.assert_allclose(correct.cav_, want, atol=1e-5)
+    assert not np.allclose(default.cav_, want, atol=1e-3)
+    with pytest.raises(ValueError, match="cav_samples='wrong' is not valid|cav_samples"):
+        GradientPenaltyCorrector(artifact_net, LAYER, cav_samples="wrong",
+                                 **kw).fit(X, y, c)
+    # no correctly predicted concept sample left: a clear error, not a CAV from one group
+    with pytest.raises(ValueError, match="cav_samples='correct' keeps 0 concept"):
+        y_bad = y.copy()
+        y_bad[c == 1] = 7
+        GradientPenaltyCorrector(artifact_net, LAYER, cav_samples="correct",
+                                 **kw).fit(X, y_bad, c)

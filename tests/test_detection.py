@@ -146,3 +146,62 @@ def test_acceptance_spray_artifact_class(artifact_data, artifact_net):
     # plots
     fig = plot_spray_embedding(spray, class_=0, concept=artifact_data.concept)
     assert len(fig.axes) == 2 and len(fig.axes[0].collections) >= 2
+
+
+# ------------------------------------------------------------------ choosing the number of clusters
+def _artifact_linear_net(strength):
+    """A linear classifier on the 28 px artifact digits (red patch in 70 % of class 0) whose
+    class-0 weights are the clean class-0 template plus ``strength`` times its largest weight on
+    the patch: gradient x input puts a fixed share of the relevance on the patch."""
+    from skdebias.datasets import make_artifact_digits
+
+    d = make_artifact_digits(target_class=0, p=0.7, artifact="patch", random_state=0)
+    n_pix = int(np.prod(d.X.shape[1:]))
+    W = np.stack([d.X[(d.y == k) & (d.concept == 0)].mean(0).ravel() - d.X.mean(0).ravel()
+                  for k in range(10)]).astype("float32")
+    mask = np.repeat(d.artifact_mask[None], 3, 0).ravel().astype("float32")
+    W[0] += strength * mask * np.abs(W[0]).max()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n_pix, 10))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.from_numpy(W))
+        net[1].bias.zero_()
+    idx = np.flatnonzero(d.y == 0)
+    R = np.abs(d.X[idx].reshape(len(idx), -1) * W[0])
+    art = d.concept[idx] == 1
+    share = float(((R * mask).sum(1) / R.sum(1))[art].mean())
+    return net, d, idx, art, share
+
+
+def test_silhouette_finds_a_local_artifact_that_the_eigengap_misses():
+    from sklearn.metrics import adjusted_rand_score
+
+    net, d, idx, art, share = _artifact_linear_net(2.0)
+    assert 0.15 < share < 0.3  # about a fifth to a quarter of the relevance on the patch
+    kw = dict(classes=[0], method="gradient_x_input", random_state=0)
+    eigengap = SpectralRelevanceAnalysis(net, cluster_selection="eigengap", **kw).fit(d.X, d.y)
+    default = SpectralRelevanceAnalysis(net, **kw).fit(d.X, d.y)
+    # the eigengap splits the class in three and mixes the artifact images into two of them
+    assert eigengap.n_clusters_[0] != 2
+    assert adjusted_rand_score(art, eigengap.labels_[idx]) < 0.8
+    assert default.n_clusters_[0] == 2
+    assert adjusted_rand_score(art, default.labels_[idx]) >= 0.8
+    assert default.confidence_[0] > eigengap.confidence_[0]
+    assert default.confidence_[0] > 0.4 and default.affinity_[0] in ("knn", "maps")
+    rows = default.summary()
+    assert [r["confidence"] for r in rows] == [default.confidence_[0]] * 2
+
+
+def test_silhouette_keeps_one_cluster_without_structure_and_honours_n_clusters():
+    rng = np.random.RandomState(0)
+    # one strategy: maps on a line through the origin (every silhouette <= 0 after normalising)
+    X = np.ones((30, 4), dtype="float32")
+    y = np.zeros(30, dtype=int)
+    net = torch.nn.Linear(4, 2)
+    spray = SpectralRelevanceAnalysis(net, method="gradient_x_input", random_state=0).fit(X, y)
+    assert spray.n_clusters_[0] == 1 and spray.confidence_[0] == 0.0
+    X = rng.rand(60, 6).astype("float32")
+    fixed = SpectralRelevanceAnalysis(net.__class__(6, 2), method="gradient_x_input",
+                                      n_clusters=3, random_state=0).fit(X, np.zeros(60, int))
+    assert fixed.n_clusters_[0] == 3
+    with pytest.raises(ValueError, match="cluster_selection"):
+        SpectralRelevanceAnalysis(net, cluster_selection="gap").fit(X[:, :4], np.zeros(60, int))

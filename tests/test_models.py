@@ -86,3 +86,30 @@ def test_torchvision_weights_come_from_the_cache_only(hub_dir):
 def test_torchvision_unknown_name():
     with pytest.raises(ValueError, match="Unknown torchvision model 'resnet19'"):
         torchvision_model("resnet19")
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "vgg_bn", "resnet", "gap_cnn"])
+def test_zoo_models_have_their_layers_and_learn(name):
+    from skdebias.models import ZOO, make_zoo_model
+
+    net, conv, feats = make_zoo_model(name, n_classes=3, width=4, random_state=0)
+    assert isinstance(net, ZOO[name][0])
+    layers = dict(net.named_modules())
+    assert conv in layers and feats in layers
+    again, _, _ = make_zoo_model(name, n_classes=3, width=4, random_state=0)
+    assert _same(list(net.parameters()), list(again.parameters()))
+    # a separable toy problem (class = bright channel) is learnt within a few epochs
+    rng = np.random.RandomState(0)
+    y = np.arange(60) % 3
+    X = (rng.rand(60, 3, 16, 16) * 0.2).astype("float32")
+    X[np.arange(60), y] += 0.8
+    clf = make_classifier(net, max_epochs=15, lr=3e-3, batch_size=16, device="cpu",
+                          random_state=0).fit(X, y)
+    assert (clf.predict(X) == y).mean() > 0.9
+
+
+def test_make_zoo_model_unknown_name():
+    from skdebias.models import make_zoo_model
+
+    with pytest.raises(ValueError, match="name='vgg' is not a zoo model; choose one of"):
+        make_zoo_model("vgg")
