@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
+# trains, audits and corrects a network on built-in data; writes demo_output/ (report.html,
+# results.json, figures/) and prints the report's path
 demo: $(STAMP)
-	$(PY) -m skdebias demo
+	$(PY) -m skdebias demo --output demo_output
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout=900 tests --doctest-modules skdebias

@@ -235,7 +235,8 @@ def _load_model(path, arch=None, trust_model=False):
 
 
 def run_audit(model, images, concept, layer, image_size=None, batch_size=64, device="auto",
-              grayscale=None, verbose=True, arch=None, trust_model=False):
+              grayscale=None, verbose=True, arch=None, trust_model=False, progress=False,
+              report=None, figures=None):
     """Audit a saved model for a concept given as example images.
 
     Parameters
@@ -267,12 +268,20 @@ def run_audit(model, images, concept, layer, image_size=None, batch_size=64, dev
         ``"package.module:Class"`` (called without arguments).
     trust_model : bool, default=False
         Allow unpickling a whole network, which runs any code the file holds.
+    progress : bool, default=False
+        Progress bars over the long steps.
+    report : str or path-like, optional
+        Also write the HTML audit report here (needs jinja2:
+        ``pip install skdebias[report]``).
+    figures : str or path-like, optional
+        Also write the report's figures as PNG files into this folder.
 
     Returns
     -------
     dict
-        ``rows`` (per class: ``n``, ``accuracy``, ``mean concept score``) and
-        ``cav`` (the unit CAV).
+        ``rows`` (per class: ``n``, ``accuracy``, ``mean concept score``),
+        ``cav`` (the unit CAV), and the paths written (``report``,
+        ``figures``).
 
     Raises
     ------
@@ -286,6 +295,10 @@ def run_audit(model, images, concept, layer, image_size=None, batch_size=64, dev
     from .datasets import load_image_folder
     from .extraction import ActivationExtractor
 
+    if report is not None:  # fail before the work when jinja2 is missing
+        from .report import jinja_environment
+
+        jinja_environment()
     say = print if verbose else (lambda *a, **k: None)
     module = _load_model(model, arch=arch, trust_model=trust_model)
     module.to(resolve_device(device))  # the loaded copy is ours to move
@@ -298,13 +311,15 @@ def run_audit(model, images, concept, layer, image_size=None, batch_size=64, dev
                          f"concept), found {list(conc.target_names)}.")
 
     def activations(X):
-        ext = ActivationExtractor(module, layer=layer, batch_size=batch_size, device=device)
+        ext = ActivationExtractor(module, layer=layer, batch_size=batch_size, device=device,
+                                  verbose=int(progress))
         return ext.fit_transform(X)
 
     A_concept = activations(conc.X)
     cav = CAVEstimator().fit(A_concept, conc.y)
     preds = predict_proba(module, data.X, batch_size=batch_size).argmax(axis=1)
-    proj = cav.transform(activations(data.X))[:, 0]
+    A = activations(data.X)
+    proj = cav.transform(A)[:, 0]
     rows = []
     for k, name in enumerate(data.target_names):
         m = data.y == k
@@ -313,17 +328,139 @@ def run_audit(model, images, concept, layer, image_size=None, batch_size=64, dev
     cav_accuracy = cav.score(A_concept, conc.y)
     say(format_table(rows, title=f"Concept '{conc.target_names[1]}' at layer {layer!r}: "
                                  f"CAV accuracy on the concept set {cav_accuracy:.3f}"))
-    return {"rows": rows, "cav": cav.cav_}
+    result = {"rows": rows, "cav": cav.cav_}
+    if report is not None or figures is not None:
+        audit = _audit_report(module, data, conc, layer, cav, A, preds, proj, cav_accuracy,
+                              batch_size, device, progress)
+        if report is not None:
+            result["report"] = str(audit.save(report))
+            say(f"Report written to {result['report']}")
+        if figures is not None:
+            result["figures"] = audit.save_figures(figures)
+            say(f"Figures written to {figures} ({len(result['figures'])} PNG files)")
+    return result
+
+
+def _audit_report(module, data, conc, layer, cav, A, preds, proj, cav_accuracy, batch_size,
+                  device, progress, max_classes=4, min_spray=8):
+    """The :class:`~skdebias.report.AuditReport` of ``skdebias audit``: SpRAy on the classes with
+    at least ``min_spray`` images, spuriosity along the CAV, TCAV against the concept-free
+    images, the concept sensitivity at the layer, and heatmaps of the images that show the
+    concept most."""
+    from .attribution import attribute
+    from .concepts import tcav_score
+    from .detection import SpectralRelevanceAnalysis
+    from .metrics import concept_sensitivity
+    from .ranking import SpuriosityRanker
+    from .report import AuditReport
+
+    notes = {}
+    classes, counts = np.unique(data.y, return_counts=True)
+    big = classes[counts >= min_spray][:max_classes].tolist()
+    spray = None
+    if big:
+        spray = SpectralRelevanceAnalysis(module, classes=big, max_clusters=4,
+                                          batch_size=batch_size, device=device, random_state=0,
+                                          verbose=int(progress)).fit(data.X, data.y)
+    else:
+        notes["strategies"] = (f"SpRAy needs at least {min_spray} images of a class; the "
+                               f"largest class has {int(counts.max())}.")
+    spuriosity = None
+    if counts.min() >= 2:
+        spuriosity = SpuriosityRanker(cav=cav).fit(A, data.y).score_samples(A, data.y)
+    else:
+        notes["spuriosity"] = "Spuriosity needs at least 2 images in every class."
+    tcav, tcav_note = None, ""
+    negatives = conc.X[conc.y == 0]
+    if len(negatives) >= 3:
+        try:  # pattern CAVs: the CAV method of the audit (a logistic one can be all zero)
+            tcav = tcav_score(module, data.X, layer, conc.X[conc.y == 1], negatives,
+                              n_random=5, cav_method="pattern", batch_size=batch_size,
+                              random_state=0)
+        except ValueError as exc:
+            tcav_note = f" TCAV was not computed: {exc}"
+    else:
+        tcav_note = " TCAV was not computed: it needs at least 3 images without the concept."
+    sens = {layer: concept_sensitivity(module, data.X, layer, cav,
+                                       batch_size=batch_size)["mean_abs"]}
+    top = np.argsort(-proj, kind="stable")[:6]
+    R = attribute(module, data.X[top], batch_size=batch_size, device=device,
+                  verbose=int(progress))
+    titles = [f"{data.target_names[data.y[i]]} -> {data.target_names[preds[i]]}"
+              if preds[i] < len(data.target_names) else f"{data.target_names[data.y[i]]}"
+              for i in top]
+    concept_name = conc.target_names[1]
+    description = (f"Concept '{concept_name}' at layer {layer!r}: CAV accuracy on the concept "
+                   f"images {cav_accuracy:.3f}. The heatmaps show the {len(top)} images whose "
+                   "activation lies furthest along the concept direction." + tcav_note)
+    return AuditReport(module, data.X, data.y, y_pred=preds, class_names=list(data.target_names),
+                       title=f"skdebias audit: concept '{concept_name}'", description=description,
+                       spray=spray, spuriosity=spuriosity, cav={concept_name: cav.cav_},
+                       tcav={concept_name: tcav} if tcav is not None else None,
+                       sensitivity=sens, heatmaps={"X": data.X[top], "relevance": R,
+                                                   "titles": titles},
+                       notes=notes or None, max_classes=max_classes, n_images=4)
 
 
 _EXIT_CODES = """\
+output:
+  --output DIR writes DIR/report.html (the HTML audit report), DIR/results.json and
+  DIR/figures/*.png; --report FILE.html and --json FILE write one of them. The demo writes
+  demo_output/ unless one of them or --no-report is given.
+
 exit status:
   0  success
   1  an unexpected error (a Python traceback follows)
   2  a usage error, or an input that cannot be used (a model file that is missing, empty,
-     corrupt, of the wrong kind or does not fit --arch; an image folder; a layer name);
+     corrupt, of the wrong kind or does not fit --arch; an image folder; a layer name; an
+     output path that cannot be written; --report without jinja2 installed);
      the reason is one line on stderr: 'skdebias <command>: error: <message>'
 """
+
+#: Output folder of ``skdebias demo`` when no output is named.
+DEMO_OUTPUT = "demo_output"
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _common_options():
+    """Options shared by ``demo`` and ``audit`` (an argparse parent parser)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--batch-size", type=_positive_int, default=64,
+                        help="images per forward/backward pass (default: 64)")
+    common.add_argument("--device", default="auto",
+                        help="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    common.add_argument("--output", metavar="DIR",
+                        help="write report.html, results.json and figures/*.png into DIR")
+    common.add_argument("--report", metavar="FILE.html",
+                        help="write the HTML audit report to this file (needs jinja2: "
+                             "pip install skdebias[report])")
+    common.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
+    common.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on the long steps (default: when stderr is a "
+                             "terminal)")
+    return common
+
+
+def _outputs(args, default_output=None):
+    """``(report, json, figures)`` paths from ``--report``, ``--json`` and ``--output``."""
+    output = args.output
+    if output is None and default_output is not None and not (args.report or args.json):
+        output = default_output
+    report, json_path, figures = args.report, args.json, None
+    if output is not None:
+        report = report or os.path.join(output, "report.html")
+        json_path = json_path or os.path.join(output, "results.json")
+        figures = os.path.join(output, "figures")
+    return report, json_path, figures
 
 
 def main(argv=None):
@@ -340,19 +477,25 @@ def main(argv=None):
         0 on success. Usage errors and unusable inputs exit with status 2 and
         one line on stderr (``SystemExit``).
     """
+    from importlib.metadata import version
+
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="skdebias", description=__doc__, epilog=_EXIT_CODES,
                                      formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"skdebias {version('skdebias')}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", epilog=_EXIT_CODES, formatter_class=raw,
+    common = _common_options()
+    demo = sub.add_parser("demo", epilog=_EXIT_CODES, formatter_class=raw, parents=[common],
                           help="train a Clever-Hans CNN on built-in data, audit and correct it")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--epochs", type=_positive_int, default=8)
     demo.add_argument("--artifact", default="patch", choices=["patch", "timestamp", "lsb", "brightness"])
     demo.add_argument("--no-correction", action="store_true", help="only audit, do not correct")
-    demo.add_argument("--json", help="also write the results to this JSON file")
+    demo.add_argument("--no-report", action="store_true",
+                      help=f"do not write {DEMO_OUTPUT}/ when no --output, --report or --json "
+                           "is given")
     audit = sub.add_parser("audit", help="measure a saved model's use of a concept",
-                           epilog=_EXIT_CODES, formatter_class=raw)
+                           epilog=_EXIT_CODES, formatter_class=raw, parents=[common])
     audit.add_argument("--model", required=True,
                        help="a state dict saved with torch.save(model.state_dict()) (give --arch), "
                             "or a whole network saved with torch.save(model) (give --trust-model)")
@@ -371,32 +514,54 @@ def main(argv=None):
                             "'absent', 'present') holds the images with the concept")
     audit.add_argument("--layer", required=True)
     audit.add_argument("--image-size", type=int, default=None)
-    audit.add_argument("--device", default="auto")
     audit.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=None,
                        help="load one channel (default: when the first convolution takes one)")
-    audit.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     def fail(message):
         # one line, whatever the message: scripts read the reason from stderr
         parser.exit(2, f"skdebias {args.command}: error: {' '.join(str(message).split())}\n")
 
-    if args.command == "demo":
-        result = run_demo(seed=args.seed, epochs=args.epochs, artifact=args.artifact,
-                          correction=not args.no_correction)
-    else:
+    default_output = DEMO_OUTPUT if args.command == "demo" and not args.no_report else None
+    report, json_path, figures = _outputs(args, default_output)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if report is not None:
+        from .report import jinja_environment
+
         try:
-            result = run_audit(args.model, args.images, args.concept, args.layer,
-                               image_size=args.image_size, device=args.device,
-                               grayscale=args.grayscale, arch=args.arch,
-                               trust_model=args.trust_model)
-        except (ValueError, FileNotFoundError) as exc:  # model file, folders, layer names
-            fail(exc)
-    if args.json:
+            jinja_environment()
+        except ImportError as exc:
+            if args.report or args.output:
+                fail(f"--report/--output: {exc}")
+            print(f"skdebias demo: no HTML report ({exc})", file=sys.stderr)
+            report = None
+    for path in (report, json_path, figures):  # before the work, not after it
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            fail(f"{path!r} cannot be written: {folder!r} is not a directory.")
+    kw = dict(batch_size=args.batch_size, device=args.device, progress=progress,
+              report=report, figures=figures)
+    try:
+        if args.command == "demo":
+            result = run_demo(seed=args.seed, epochs=args.epochs, artifact=args.artifact,
+                              correction=not args.no_correction, **kw)
+        else:
+            try:
+                result = run_audit(args.model, args.images, args.concept, args.layer,
+                                   image_size=args.image_size, grayscale=args.grayscale,
+                                   arch=args.arch, trust_model=args.trust_model, **kw)
+            except (ValueError, FileNotFoundError) as exc:  # model file, folders, layer names
+                fail(exc)
+    except OSError as exc:  # the report or the figures
+        if exc.filename is None:
+            raise
+        fail(f"{exc.filename!r} cannot be written ({exc.strerror or exc}).")
+    if json_path:
         try:
-            write_json(args.json, result)
+            write_json(json_path, result)
         except OSError as exc:
-            fail(f"--json {args.json!r} cannot be written ({exc.strerror or exc}).")
+            fail(f"--json {json_path!r} cannot be written ({exc.strerror or exc}).")
+        print(f"Results written to {json_path}")
     return 0
 
 

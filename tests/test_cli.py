@@ -39,9 +39,10 @@ def _write_pngs(root, classes, n, make):
             Image.fromarray(make(k, i)).save(root / name / f"{i}.png")
 
 
-def _write_square_folders(root):
-    """Concept folders absent/present (6 PNGs each) and image folders a/b (4 each) under
-    ``root``: noisy RGB 28 px images; class index 1 ("present", "b") carries a red square."""
+def _write_square_folders(root, n_images=4):
+    """Concept folders absent/present (6 PNGs each) and image folders a/b (``n_images`` each)
+    under ``root``: noisy RGB 28 px images; class index 1 ("present", "b") carries a red
+    square."""
     rng = np.random.RandomState(0)
 
     def img(k, i):
@@ -51,7 +52,7 @@ def _write_square_folders(root):
         return a
 
     _write_pngs(root / "concept", ["absent", "present"], 6, img)
-    _write_pngs(root / "images", ["a", "b"], 4, img)
+    _write_pngs(root / "images", ["a", "b"], n_images, img)
 
 
 def test_audit_on_generated_folders(tmp_path, capsys):
@@ -235,3 +236,121 @@ def test_audit_help_documents_exit_codes_and_trust(capsys):
     out = capsys.readouterr().out
     assert "exit status" in out and "--arch" in out
     assert "--trust-model" in out and "runs any code" in out
+
+
+# ------------------------------------------------------------------ shared conventions
+def test_version(capsys):
+    from skdebias import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"skdebias {__version__}"
+
+
+@pytest.mark.parametrize("command", ["demo", "audit"])
+def test_both_commands_take_the_shared_options_and_document_exit_codes(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    for option in ("--batch-size", "--device", "--output", "--report", "--json", "--progress"):
+        assert option in out
+    assert "exit status" in out and "  2  " in out
+
+
+def test_batch_size_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--batch-size", "0"])
+    assert info.value.code == 2
+    assert "must be a positive integer, got '0'" in capsys.readouterr().err
+
+
+def _fake_demo(calls):
+    def fake(**kwargs):
+        calls.update(kwargs)
+        for key in ("report", "figures"):
+            if kwargs.get(key):
+                calls[f"{key}_dir_exists"] = True
+        return {"ok": 1}
+    return fake
+
+
+def test_demo_output_dir_names_report_json_and_figures(tmp_path, monkeypatch, capsys):
+    calls = {}
+    monkeypatch.setattr("skdebias.cli.run_demo", _fake_demo(calls))
+    out = tmp_path / "out"
+    assert main(["demo", "--output", str(out), "--batch-size", "16", "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert calls["report"] == str(out / "report.html")
+    assert calls["figures"] == str(out / "figures")
+    assert (calls["batch_size"], calls["device"], calls["progress"]) == (16, "cpu", False)
+    assert json.loads((out / "results.json").read_text()) == {"ok": 1}
+    assert str(out / "results.json") in capsys.readouterr().out
+
+
+def test_demo_writes_the_default_output_unless_told_otherwise(tmp_path, monkeypatch):
+    from skdebias.cli import DEMO_OUTPUT
+
+    calls = {}
+    monkeypatch.setattr("skdebias.cli.run_demo", _fake_demo(calls))
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--no-correction"]) == 0
+    assert calls["report"] == f"{DEMO_OUTPUT}/report.html"
+    assert (tmp_path / DEMO_OUTPUT / "results.json").exists()
+    calls.clear()
+    assert main(["demo", "--no-report"]) == 0
+    assert calls["report"] is None and calls["figures"] is None
+    calls.clear()
+    assert main(["demo", "--report", "r.html"]) == 0  # only what was asked for
+    assert calls["report"] == "r.html" and calls["figures"] is None
+
+
+def test_output_under_a_file_fails_before_the_work(tmp_path, monkeypatch, capsys):
+    calls = {}
+    monkeypatch.setattr("skdebias.cli.run_demo", _fake_demo(calls))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--report", str(tmp_path / "file" / "r.html")])
+    assert info.value.code == 2 and calls == {}
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_report_without_jinja2_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    calls = {}
+    monkeypatch.setattr("skdebias.cli.run_demo", _fake_demo(calls))
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # import fails
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--report", "r.html"])
+    assert info.value.code == 2 and calls == {}
+    assert "pip install skdebias[report]" in capsys.readouterr().err
+    # the demo's default report is left out with a message; the rest is written
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--no-correction"]) == 0
+    assert calls["report"] is None and calls["figures"].endswith("figures")
+    assert "no HTML report" in capsys.readouterr().err
+
+
+def test_audit_output_writes_a_report_with_every_section(tmp_path, capsys):
+    from skdebias.models import SmallCNN
+    from skdebias.report import AuditReport
+
+    _write_square_folders(tmp_path, n_images=8)
+    torch.manual_seed(0)
+    torch.save(SmallCNN().state_dict(), tmp_path / "m.pt")  # 10 outputs, 2 folders
+    out = tmp_path / "out"
+    assert main(["audit", "--model", str(tmp_path / "m.pt"), "--arch", "skdebias.models:SmallCNN",
+                 "--images", str(tmp_path / "images"), "--concept", str(tmp_path / "concept"),
+                 "--layer", "features.6", "--device", "cpu", "--batch-size", "4",
+                 "--output", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    for _, title in AuditReport.SECTIONS:
+        assert title in html
+    assert "concept &#39;present&#39;" in html or "concept 'present'" in html
+    assert html.count("<img ") >= 5  # SpRAy x2 per class, spuriosity, CAV, TCAV, ...
+    assert "http://" not in html and "https://" not in html  # opens offline
+    pngs = sorted(p.name for p in (out / "figures").iterdir())
+    assert "heatmaps_relevance.png" in pngs and "spuriosity_grid.png" in pngs
+    assert json.loads((out / "results.json").read_text())["report"] == str(out / "report.html")
+    assert f"Report written to {out / 'report.html'}" in capsys.readouterr().out

@@ -76,3 +76,58 @@ def test_compare_corrections_flatten_row_with_a_vector_cav(artifact_data, artifa
     res = {r["method"]: r for r in rows}
     assert res["vanilla"]["sensitivity ratio"] == 1.0
     assert res["P-ClArC flatten"]["attacked acc"] > res["vanilla"]["attacked acc"]
+
+
+# ------------------------------------------------------------------ the demo's report
+def test_demo_report_sections_hold_the_clever_hans(artifact_data, artifact_net):
+    from skdebias._demo import _demo_report
+    from skdebias.concepts import CAVEstimator
+    from skdebias.extraction import ActivationExtractor
+    from skdebias.report import AuditReport
+
+    data = artifact_data
+    ext = ActivationExtractor(artifact_net, layer=LAYER, device="cpu").fit(data.X)
+    A = ext.transform(data.X)
+    zeros = data.y == 0
+    cavs = {"pattern": CAVEstimator().fit(A[zeros], data.concept[zeros])}
+    X_att = data.add_artifact(data.X_test)
+    report = _demo_report(artifact_net, data, LAYER, cavs, A, ext.transform(X_att),
+                          ext.transform(data.X_test), None, None, 0, 64, "cpu", False, "intro")
+    html = report.to_html()
+    for _, title in AuditReport.SECTIONS:
+        assert title in html
+    assert html.count('class="note"') == 1  # only the correction, which did not run
+    # the most spurious zeros carry the patch; other classes are not scored
+    s = report.spuriosity
+    top = np.flatnonzero(zeros)[np.argsort(-s[zeros])[:10]]
+    assert data.concept[top].mean() >= 0.9
+    assert np.isnan(s[~zeros]).all()
+    # SpRAy separates a strategy that holds mostly patched zeros
+    spray = report.spray
+    labels = spray.labels_[spray.indices_[0]]
+    concept = data.concept[spray.indices_[0]]
+    assert max(concept[labels == j].mean() for j in range(spray.n_clusters_[0])) > 0.8
+    # sensitivity at the three convolutions up to the layer
+    assert list(report.sensitivity) == ["features.0", "features.3", "features.6"]
+    assert report.tcav["vanilla"].mean > 0.8  # the patch raises the class-0 logit
+
+
+def test_run_demo_checks_for_jinja2_before_training(monkeypatch, tmp_path):
+    import sys
+
+    from skdebias._demo import run_demo
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    monkeypatch.setattr("skdebias.datasets.make_artifact_digits",
+                        lambda **kw: pytest.fail("trained without jinja2"))
+    with pytest.raises(ImportError, match=r"skdebias\[report\]"):
+        run_demo(report=tmp_path / "r.html", verbose=False)
+
+
+def test_conv_layers_up_to_the_layer():
+    from skdebias._demo import _conv_layers
+    from skdebias.models import SmallCNN
+
+    assert _conv_layers(SmallCNN(), "features.6") == ["features.0", "features.3", "features.6"]
+    assert _conv_layers(SmallCNN(), "features.4", most=1) == ["features.4"]
+    assert _conv_layers(SmallCNN(), "features.3", most=5) == ["features.0", "features.3"]

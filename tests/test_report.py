@@ -118,3 +118,123 @@ def test_write_json_writes_classes_by_name(tmp_path):
 
     path = write_json(tmp_path / "r.json", {"optimizer": torch.optim.SGD})
     assert json.loads(open(path).read())["optimizer"] == "torch.optim.sgd.SGD"
+
+
+# ------------------------------------------------------------------ AuditReport
+import re  # noqa: E402
+
+from skdebias.report import AuditReport  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def audit_parts():
+    import torch
+    from sklearn.utils import Bunch
+
+    from skdebias import SpectralRelevanceAnalysis
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    rng = np.random.RandomState(0)
+    X = rng.rand(24, 3, 4, 4).astype("float32")
+    X[:6, :, 0, 0] = 1.0  # a "patch" in part of class 0
+    y = np.repeat([0, 1], 12)
+    spray = SpectralRelevanceAnalysis(net, method="gradient_x_input", n_clusters=2, map_size=4,
+                                      n_neighbors=4, random_state=0, device="cpu").fit(X, y)
+    tcav = Bunch(scores=np.array([0.9, 0.8, 0.85]), random_scores=np.array([0.5, 0.4, 0.6]),
+                 mean=0.85, p_value=0.001, significant=True)
+    return Bunch(net=net, X=X, y=y, spray=spray, tcav=tcav,
+                 spuriosity=np.r_[np.linspace(1, 0, 12), np.linspace(0, 1, 12)],
+                 A0=rng.rand(10, 5), cav=np.eye(5)[0])
+
+
+def _full_report(p, **kw):
+    corrected = AuditReport(p.net, p.X, p.y, title="Corrected network", tcav={"after": p.tcav},
+                            heatmaps=(p.X[:3], np.random.RandomState(1).randn(3, 4, 4)))
+    args = dict(spray=p.spray, spuriosity=p.spuriosity, cav={"pattern": p.cav},
+                concept_pairs=(p.A0 + p.cav, p.A0), tcav=p.tcav,
+                sensitivity={"1": {"vanilla": 0.2, "corrected": 0.002}},
+                heatmaps={"X": p.X[:4], "relevance": np.random.RandomState(0).randn(4, 4, 4),
+                          "titles": list("abcd")},
+                correction=[{"method": "vanilla", "clean acc": 0.9, "attacked acc": 0.6},
+                            {"method": "RR-ClArC", "clean acc": 0.9, "attacked acc": 0.85}],
+                corrected=corrected, class_names=["zero", "one"], n_images=2, title="T <&>")
+    args.update(kw)
+    return AuditReport(p.net, p.X, p.y, **args)
+
+
+def test_audit_report_has_every_section_and_inline_figures(audit_parts, tmp_path):
+    report = _full_report(audit_parts)
+    html = report.to_html()
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    for id_, title in AuditReport.SECTIONS:
+        assert f'<section id="{id_}"' in html and title in html
+    assert "T &lt;&amp;&gt;" in html  # text is escaped
+    assert 'class="note"' not in html  # every section has its data
+    imgs = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    figures = report.figures()
+    assert len(imgs) == len(figures) == html.count("<figure>") == html.count("<figcaption>")
+    # SpRAy 2 per class, spuriosity, CAV, TCAV, sensitivity, heatmaps, comparison, corrected x2
+    assert len(imgs) == 2 * 2 + 6 + 2
+    assert all(data.startswith(b"\x89PNG") for data in figures.values())
+    assert not re.search(r'(src|href)="(?!data:|#)', html)  # nothing outside the file
+    assert "http://" not in html and "https://" not in html
+    # per-class accuracy of the network's own predictions, and the spuriosity gap table
+    pred = audit_parts.net(__import__("torch").as_tensor(audit_parts.X)).argmax(1).numpy()
+    acc = np.mean(pred[audit_parts.y == 0] == 0)
+    assert f"<td>zero</td><td>12</td><td>{acc:.3f}</td>" in html
+    assert "acc. most spurious" in html
+    # the corrected network's sections are nested under the correction, with their own ids
+    assert html.index('id="corrected"') > html.index('id="correction"')
+    assert 'id="corrected-heatmaps"' in html and 'id="corrected-concept"' in html
+    assert report.save(tmp_path / "sub" / "r.html") == tmp_path / "sub" / "r.html"
+    saved = (tmp_path / "sub" / "r.html").read_text()
+    assert saved.count("<img ") == len(imgs) and "T &lt;&amp;&gt;" in saved
+    paths = report.save_figures(tmp_path / "figs")
+    assert sorted(os.path.basename(p) for p in paths) == sorted(f"{k}.png" for k in figures)
+    assert "corrected_heatmaps_relevance.png" in [os.path.basename(p) for p in paths]
+
+
+def test_audit_report_leaves_out_sections_without_data_with_a_note():
+    html = AuditReport().to_html()
+    for id_, title in AuditReport.SECTIONS:
+        assert title in html
+    assert html.count('class="note"') == len(AuditReport.SECTIONS)
+    assert "<img" not in html
+    html = AuditReport(notes={"strategies": "SpRAy needs 8 images."}).to_html()
+    assert "SpRAy needs 8 images." in html and "pass spray=" not in html
+
+
+def test_audit_report_bad_arguments_name_the_parameter(audit_parts):
+    p = audit_parts
+    with pytest.raises(ValueError, match="spuriosity has 3 entries but X has 24 images"):
+        AuditReport(p.net, p.X, p.y, spuriosity=np.zeros(3)).to_html()
+    with pytest.raises(ValueError, match="spray was fitted on 24 samples but X has 5"):
+        AuditReport(p.net, p.X[:5], spray=p.spray).to_html()
+    with pytest.raises(ValueError, match="corrected must be an AuditReport"):
+        AuditReport(corrected={"heatmaps": None}).to_html()
+    with pytest.raises(ValueError, match=r"notes has unknown section ids \['nope'\]"):
+        AuditReport(notes={"nope": "x"}).to_html()
+    with pytest.raises(ValueError, match="n_images"):
+        AuditReport(n_images=0).to_html()
+
+
+def test_audit_report_without_jinja2_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(ImportError, match=r"pip install skdebias\[report\]"):
+        AuditReport().to_html()
+
+
+def test_docs_report_example_runs():
+    import re as re_
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "report.md").read_text()
+    (block,) = re_.findall(r"```python\n(.*?)```", text, flags=re_.S)
+    ns = {}
+    exec(compile(block, "docs/report.md [python block 0]", "exec"), ns)
+    html = ns["html"]
+    assert "Artifact digits" in html and html.count("<img ") == 3  # SpRAy x2, heatmaps
+    assert 'id="strategies-0"' in html
