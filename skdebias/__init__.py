@@ -4,6 +4,7 @@ image classifiers with scikit-learn estimators.
 
 __version__ = "0.1.0.dev0"
 
+from .backbones import FrozenBackbone, LinearProbe, make_backbone, pretrain_backbone
 from .concepts import (
     CAVEstimator,
     cav_alignment,
@@ -21,8 +22,10 @@ from .correction import (
     SpuriosityHeadFinetuner,
 )
 from .detection import SpectralRelevanceAnalysis
+from .distributed import accelerated, setup_workers, transform_dask, write_activations
 from .extraction import ActivationExtractor
 from .ranking import SpuriosityRanker, propose_features
+from .report import AuditReport
 
 __all__ = [
     "ActivationExtractor",
@@ -41,5 +44,14 @@ __all__ = [
     "EnDRegularizer",
     "EnDClassifier",
     "GroupBalancedClassifier",
+    "AuditReport",
+    "transform_dask",
+    "write_activations",
+    "setup_workers",
+    "accelerated",
+    "pretrain_backbone",
+    "make_backbone",
+    "FrozenBackbone",
+    "LinearProbe",
     "__version__",
 ]
