@@ -107,6 +107,14 @@ def test_dask_cluster_extraction(client, extractor, images):
     settings = setup_workers(client, threads=1)
     assert len(settings) == 2
     assert all(s["threads"] == 1 and s["device"].startswith("cpu") for s in settings.values())
+    # Dask's nanny starts the workers with MALLOC_TRIM_THRESHOLD_ set; glibc's limits raised
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        assert all(s["keep_memory"] for s in settings.values())
+    assert not any(s["keep_memory"] for s in setup_workers(client, keep_memory=False).values())
+    with pytest.raises(TypeError, match="keep_memory must be True or False, got 'yes'"):
+        setup_workers(client, keep_memory="yes")
     A = extractor.transform(da.from_array(images, chunks=10))
     np.testing.assert_allclose(A.compute(), extractor.transform(images), rtol=1e-6)
 
