@@ -90,7 +90,7 @@ def summarise(per_seed, rhos):
 
 
 def acceptance(per_seed, rhos):
-    """The issue's targets, checked on the seed means."""
+    """The benchmark's targets, checked on the seed means."""
     checks = []
     for rho in rhos:
         mean = {m: {k: np.mean([r[k] for r in per_seed if r["rho"] == rho and r["method"] == m])

@@ -285,7 +285,7 @@ def main(argv=None):
     print()
     from skdebias.report import format_table
 
-    print(format_table(targets(per_seed), title="Targets (issue 3) per seed"))
+    print(format_table(targets(per_seed), title="Targets per seed"))
     print()
     if not args.no_timing:
         rows = step_timing(args.quick)

@@ -4,7 +4,7 @@ Skipped (exit 0, JSON says so) on machines without CUDA. With a GPU it compares,
 artifact digits: activation extraction (max abs difference, CAV cosine), one
 GradientPenaltyCorrector fit (test accuracy; timed after a warm-up fit, so CUDA start-up is not
 counted) and one RR-ClArC training step vs a plain cross-entropy step on each device (the ratio
-issue 6 bounds by 2.5 on the CPU).
+bounded by 2.5 on the CPU).
 
 Run: .venv/bin/python benchmarks/cuda_check.py [--quick]
 """

@@ -350,7 +350,7 @@ def mean_rows(rows, keys):
 
 
 def targets(gaps, sprays):
-    """Issue 4's acceptance targets, one row per (data set, seed)."""
+    """The ranking targets, one row per (data set, seed)."""
     out = []
     for r in gaps:
         halved = r["ratio low-k"] <= 0.5 and r["acc vanilla"] - r["acc low-k"] <= 0.03
@@ -424,7 +424,7 @@ def main():
         if not rows:
             continue
         print()
-        print(format_table(rows, columns=list(rows[0]), title="Targets (issue 4)"))
+        print(format_table(rows, columns=list(rows[0]), title="Targets"))
     print(f"\ntotal {total:.0f} s")
     return payload
 
