@@ -328,9 +328,16 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                 device=device, random_state=seed),
         }
         for name, make in variants.items():
-            penalty, search_s = _search(make(1.0), grid, data, seed)
-            t0 = time.perf_counter()
-            est = _fit_or_collapse(lambda: make(penalty), data, c)
+            try:
+                penalty, search_s = _search(make(1.0), grid, data, seed)
+                t0 = time.perf_counter()
+                est = _fit_or_collapse(lambda: make(penalty), data, c)
+            except ValueError as exc:  # refused by the estimator: a row that says why
+                reason = str(exc).strip().splitlines()[-1][:200]
+                rows.append({"method": name, "clean acc": float("nan"),
+                             "attacked acc": float("nan"), "collapsed": False,
+                             "error": reason})
+                continue
             row = {"method": name, "penalty": penalty, "search s": search_s,
                    "fit s": time.perf_counter() - t0}
             if est is None:
@@ -442,6 +449,9 @@ def summarise(rows):
                     row["bias cut"] = cut
                     meets["FMD bias -30 %"] = bool(
                         cut >= 0.30 and row["biased acc"] >= _mean(van, "biased acc") - 0.03)
+            errors = [r["error"] for r in rs if r.get("error")]
+            if errors:
+                row["refused"] = f"{len(errors)} of {len(rs)}: {errors[0]}"
             row["meets"] = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in meets.items())
             row["targets"] = meets
             out.append(row)
@@ -499,7 +509,7 @@ def main(argv=None):
     summary = summarise(rows)
     columns = ["arch", "bias", "method", "clean acc", "attacked acc", "loss recovered",
                "relevance share", "clusters", "ARI", "confidence", "tcav", "reference tcav",
-               "meets"]
+               "meets", "refused"]
     colour_columns = ["arch", "bias", "method", "biased acc", "unbiased acc", "cf bias",
                       "bias cut", "meets"]
     table = [{k: s.get(k) for k in columns} for s in summary if s["bias"] != "colour"]
