@@ -416,7 +416,7 @@ def summarise(rows):
                 if any(key in r for r in rs):
                     row[key] = _mean(rs, key)
             if m.startswith("RR-ClArC") or m == "reference recipe":
-                row["penalty"] = [r["penalty"] for r in rs]
+                row["penalty"] = [r.get("penalty") for r in rs]
             meets = {}
             if bias != "colour":
                 lost = _mean(van, "clean acc") - _mean(van, "attacked acc")
@@ -428,9 +428,10 @@ def summarise(rows):
                     if lost >= 0.10:
                         ref = by["reference recipe"]
                         ref_rec = (_mean(ref, "attacked acc") - _mean(van, "attacked acc")) / lost
-                        meets["RR >= reference"] = bool(
-                            row["loss recovered"] >= ref_rec - 1e-9
-                            and row["clean acc"] >= _mean(van, "clean acc") - 0.03)
+                        if not np.isnan(ref_rec):  # else the reference recipe refused to fit
+                            meets["RR >= reference"] = bool(
+                                row["loss recovered"] >= ref_rec - 1e-9
+                                and row["clean acc"] >= _mean(van, "clean acc") - 0.03)
                 if m.startswith("P-ClArC"):
                     meets["P-ClArC gap <= 5"] = bool(
                         np.mean([abs(r["clean acc"] - r["attacked acc"]) <= 0.05 for r in rs])
