@@ -141,7 +141,7 @@ class ReferenceRRClArC(ClassifierMixin, BaseEstimator):
                 P.append(out.argmax(1))
             A, P = torch.cat(A).cpu().double().numpy(), torch.cat(P).cpu().numpy()
         keep = (c != -1) & (P == np.asarray(y))
-        if len(np.unique(c[keep])) < 2:
+        if len(np.unique(c[keep])) < 2:  # one group only: fall back to every labelled sample
             keep = c != -1
         v = A[keep & (c == 1)].mean(0) - A[keep & (c == 0)].mean(0)
         self.cav_ = (v / np.linalg.norm(v)).astype(np.float32)
