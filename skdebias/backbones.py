@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._utils._data import as_float32, iter_batches, n_samples
+from ._utils._modules import conv_blocks
 from ._utils._runtime import resolve_device, set_seed
 from ._utils._validation import check_int, check_labels, check_real
 
@@ -64,10 +65,7 @@ def make_backbone(n_features=64, in_channels=3, width=16):
     in_channels = check_int("in_channels", in_channels)
     w = check_int("width", width)
     return nn.Sequential(
-        nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        *conv_blocks(in_channels, w), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
         nn.Linear(4 * w, n_features), nn.ReLU(),
     )
 

@@ -6,7 +6,7 @@ import torch
 from skorch import NeuralNetClassifier
 from torch import nn
 
-from ._utils._modules import last_linear, replace_module
+from ._utils._modules import conv_blocks, last_linear, replace_module
 from ._utils._runtime import resolve_device
 
 __all__ = ["SmallCNN", "VGGStyleCNN", "SmallResNet", "GAPCNN", "ZOO", "make_zoo_model",
@@ -57,11 +57,7 @@ class SmallCNN(_PooledCNN):
     def __init__(self, n_classes=10, in_channels=3, width=16, hidden=64):
         super().__init__()
         w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
-        )
+        self.features = nn.Sequential(*conv_blocks(in_channels, w))
         self._set_head(4 * w, hidden, n_classes)
 
 
@@ -194,11 +190,7 @@ class GAPCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU(),
-        )
+            *conv_blocks(in_channels, w), nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU())
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(4 * w, n_classes)
 

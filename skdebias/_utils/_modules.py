@@ -20,8 +20,17 @@ __all__ = [
     "is_skorch_net", "network", "get_module", "layer_names", "find_layer", "last_linear",
     "replace_module", "copy_module", "module_device", "preserve_mode", "copy_estimator",
     "network_classes", "predict_proba", "check_logits", "n_outputs", "resolve_linear", "OUTPUTS", "detect_output",
-    "resolve_output", "to_logits", "to_probabilities",
+    "resolve_output", "to_logits", "to_probabilities", "conv_blocks",
 ]
+
+
+def conv_blocks(in_channels, width):
+    """The three 3x3 conv blocks of SmallCNN, as a list of layers: conv(in, w), ReLU, max pool,
+    conv(w, 2w), ReLU, max pool, conv(2w, 4w), ReLU (the built-in networks share them)."""
+    w = width
+    return [nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU()]
 
 
 def is_skorch_net(obj) -> bool:
