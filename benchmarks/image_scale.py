@@ -18,6 +18,10 @@
     folder every run, so neither side reuses earlier work) and the scores per layer. The scores
     agree within sampling noise when the difference of the mean concept scores is at most
     twice its standard error over the random sets (plus 0.05 for the different CAV solvers).
+    Untimed, two more comparisons: captum given the CAV classifier of ``tcav_score`` (a
+    logistic regression with ``C=1`` on all images of the two sets) must give the same scores,
+    and captum's own classifier (SGD on a random two thirds of the images) rerun with further
+    seeds shows how much its scores move with the seed alone.
 
 Run: .venv/bin/python benchmarks/image_scale.py [--quick] [--device cuda]
                                                 [--precisions float32 bfloat16 float16]
@@ -282,10 +286,10 @@ def tcav_compare(px, layers, n, n_random, device, repeats):
         [[c_random[(i + 1) % n_random], r] for i, r in enumerate(c_random)]
     X_t = torch.as_tensor(X).to(device)
 
-    def theirs():
+    def theirs(classifier=None):
         folder = tempfile.mkdtemp(prefix="skdebias_captum_")
         try:
-            tcav = TCAV(module, layers, save_path=folder)
+            tcav = TCAV(module, layers, save_path=folder, classifier=classifier)
             return tcav.interpret(X_t, sets, target=target)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -298,10 +302,21 @@ def tcav_compare(px, layers, n, n_random, device, repeats):
         t = interleaved({"skdebias": lambda: (ours(), sync()),
                          "captum": lambda: (theirs(), sync())}, repeats=repeats)
         res, cap = ours(), theirs()
+        same_cav = theirs(classifier=logistic_cav_classifier(C=1.0))
+        reseeded = []
+        for seed in CAPTUM_SEEDS:  # captum's classifier splits and shuffles with torch's RNG
+            torch.manual_seed(seed)
+            reseeded.append(theirs())
+    key = [f"{s[0].id}-{s[1].id}" for s in sets]
+
+    def sign_counts(out, layer):
+        return np.array([float(out[k][layer]["sign_count"][0]) for k in key])
+
     rows = []
     for layer in layers:
-        key = [f"{s[0].id}-{s[1].id}" for s in sets]
-        cap_scores = np.array([float(cap[k][layer]["sign_count"][0]) for k in key])
+        cap_scores = sign_counts(cap, layer)
+        same = sign_counts(same_cav, layer)
+        seeds = [sign_counts(out, layer)[:n_random] for out in reseeded]
         ours_c, ours_r = res[layer].scores, res[layer].random_scores
         cap_c, cap_r = cap_scores[:n_random], cap_scores[n_random:]
         se = np.sqrt(ours_c.var(ddof=1) / n_random + cap_c.var(ddof=1) / n_random)
@@ -316,8 +331,49 @@ def tcav_compare(px, layers, n, n_random, device, repeats):
                      "captum_random_mean": float(cap_r.mean()),
                      "concept_mean_diff": float(diff), "diff_standard_error": float(se),
                      "agree_within_noise": bool(diff <= 2 * se + 0.05),
-                     "skdebias_scores": ours_c.tolist(), "captum_scores": cap_c.tolist()})
+                     "skdebias_scores": ours_c.tolist(), "captum_scores": cap_c.tolist(),
+                     "captum_same_cav_scores": same[:n_random].tolist(),
+                     "captum_same_cav_random_scores": same[n_random:].tolist(),
+                     "same_cav_max_abs_diff": float(np.abs(
+                         same - np.concatenate([ours_c, ours_r])).max()),
+                     "captum_seeds": list(CAPTUM_SEEDS),
+                     "captum_seed_scores": [c.tolist() for c in seeds],
+                     "captum_seed_means": [float(c.mean()) for c in seeds]})
     return rows
+
+
+#: further seeds for captum's own (SGD) CAV classifier, untimed
+CAPTUM_SEEDS = (1, 2)
+
+
+def logistic_cav_classifier(C):
+    """A captum ``Classifier`` that fits the CAV as ``tcav_score(cav_method="logistic")``
+    does: an L2 logistic regression with inverse regularisation ``C`` on every (centred)
+    activation of the two sets, no held-out split. Its weight rows are ordered like
+    ``classes()``."""
+    from captum.concept._utils.classifier import Classifier
+    from sklearn.linear_model import LogisticRegression
+
+    class LogisticCAV(Classifier):
+        def __init__(self):
+            self.model = None
+
+        def train_and_eval(self, dataloader, **kwargs):
+            acts, labels = zip(*dataloader)
+            A = torch.cat(acts).flatten(1).double().cpu().numpy()
+            A = A - A.mean(axis=0)  # centred as CAVEstimator does (the intercept absorbs it)
+            y = torch.cat(labels).cpu().numpy()
+            self.model = LogisticRegression(C=C, max_iter=1000).fit(A, y)
+            return {"accs": torch.tensor(self.model.score(A, y))}
+
+        def weights(self):
+            w = torch.as_tensor(self.model.coef_[0], dtype=torch.float32)
+            return torch.stack([-w, w])  # row i points towards classes()[i]
+
+        def classes(self):
+            return [int(c) for c in self.model.classes_]
+
+    return LogisticCAV()
 
 
 # ------------------------------------------------------------------ main
@@ -420,11 +476,13 @@ def main(argv=None):
         tpx = 64 if args.quick else (224 if cuda else 112)
         layers = ["layer3", "layer4"]
         n = 20 if args.quick else (50 if cuda else 30)
-        payload["tcav"] = tcav_compare(tpx, layers, n, 5, device, repeats=2 if cuda else 3)
+        payload["tcav"] = tcav_compare(tpx, layers, n, 5, device,
+                                       repeats=args.repeats or (2 if cuda else 3))
         print(format_table(payload["tcav"], columns=[
             "layer", "px", "skdebias_s", "captum_s", "time_ratio", "skdebias_concept_mean",
             "captum_concept_mean", "concept_mean_diff", "diff_standard_error",
-            "agree_within_noise"], title="tcav_score vs captum TCAV", floatfmt=".3f"))
+            "agree_within_noise", "same_cav_max_abs_diff", "captum_seed_means"],
+            title="tcav_score vs captum TCAV", floatfmt=".3f"))
     payload["total_s"] = time.perf_counter() - start
     rows, runs = merge_with_earlier(payload.pop("rows", []), payload, run_key)
     emit("image_scale", rows, "Image scale, every device and size run so far "

@@ -53,7 +53,7 @@ from skdebias.correction import (
     GradientPenaltyCorrector,
 )
 from skdebias.datasets import make_artifact_digits, make_colored_digits
-from skdebias.exceptions import DivergenceError
+from skdebias.exceptions import DivergenceError, UntrainedNetworkWarning
 from skdebias.metrics import artifact_relevance, counterfactual_bias, make_debias_scorer
 from skdebias.models import ZOO, make_classifier, make_zoo_model
 
@@ -210,11 +210,15 @@ def _search(est, grid, data, seed):
 
 
 def _fit_or_collapse(make, data, c):
-    """Fit; a DivergenceError is a collapse (None)."""
-    try:
-        return make().fit(data.X, data.y, concept_labels=c)
-    except DivergenceError:
-        return None
+    """Fit; a DivergenceError is a collapse (None). Also returns whether the estimator warned
+    that the network it was given is untrained (UntrainedNetworkWarning)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UntrainedNetworkWarning)
+        try:
+            est = make().fit(data.X, data.y, concept_labels=c)
+        except DivergenceError:
+            est = None
+    return est, any(issubclass(w.category, UntrainedNetworkWarning) for w in caught)
 
 
 def _captum_tcav(module, layer, X, concept_X, random_sets, target, device):
@@ -331,7 +335,7 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
             try:
                 penalty, search_s = _search(make(1.0), grid, data, seed)
                 t0 = time.perf_counter()
-                est = _fit_or_collapse(lambda: make(penalty), data, c)
+                est, warned = _fit_or_collapse(lambda: make(penalty), data, c)
             except ValueError as exc:  # refused by the estimator: a row that says why
                 reason = str(exc).strip().splitlines()[-1][:200]
                 rows.append({"method": name, "clean acc": float("nan"),
@@ -339,7 +343,7 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                              "error": reason})
                 continue
             row = {"method": name, "penalty": penalty, "search s": search_s,
-                   "fit s": time.perf_counter() - t0}
+                   "fit s": time.perf_counter() - t0, "warned untrained": warned}
             if est is None:
                 row.update({"clean acc": float("nan"), "attacked acc": float("nan"),
                             "collapsed": True})
@@ -453,6 +457,9 @@ def summarise(rows):
             errors = [r["error"] for r in rs if r.get("error")]
             if errors:
                 row["refused"] = f"{len(errors)} of {len(rs)}: {errors[0]}"
+            warned = sum(bool(r.get("warned untrained")) for r in rs)
+            if warned:
+                row["warned"] = f"{warned} of {len(rs)}: UntrainedNetworkWarning"
             row["meets"] = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in meets.items())
             row["targets"] = meets
             out.append(row)
@@ -510,7 +517,7 @@ def main(argv=None):
     summary = summarise(rows)
     columns = ["arch", "bias", "method", "clean acc", "attacked acc", "loss recovered",
                "relevance share", "clusters", "ARI", "confidence", "tcav", "reference tcav",
-               "meets", "refused"]
+               "meets", "refused", "warned"]
     colour_columns = ["arch", "bias", "method", "biased acc", "unbiased acc", "cf bias",
                       "bias cut", "meets"]
     table = [{k: s.get(k) for k in columns} for s in summary if s["bias"] != "colour"]

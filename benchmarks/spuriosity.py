@@ -231,7 +231,7 @@ def _ranking_case(name, seed, data, net, train_s, feats, head_layer, **gap_kw):
     row.update(gap_rows(name, seed, net, ranker, data.X, data.y,
                         (data.X_test[vi], data.y_test[vi]), data.X_test_biased[vi],
                         data.X_test[ti], y_t, s_t, data.X_test_biased[ti], data.X_test[ti],
-                        FINETUNE, **gap_kw))
+                        FINETUNE, feats=feats, **gap_kw))
     row["train s"] = train_s
     return row
 
@@ -260,7 +260,7 @@ def pretrained_case(seed, mode):
     net.fit(data.X, data.y)
     train_s = time.perf_counter() - start
     row = _ranking_case(f"pretrained {mode}", seed, data, net, train_s, "backbone",
-                        net.module_.head, head="head", feats="backbone")
+                        net.module_.head, head="head")
     row["backbone colour acc"] = float(backbone.bias_accuracy_)
     row["backbone digit acc"] = float(backbone.class_accuracy_)
     return row

@@ -1,6 +1,6 @@
 """Exceptions and warnings that skdebias raises."""
 
-__all__ = ["DivergenceError"]
+__all__ = ["DivergenceError", "UntrainedNetworkWarning"]
 
 
 class DivergenceError(RuntimeError):
@@ -16,5 +16,21 @@ class DivergenceError(RuntimeError):
     --------
     >>> from skdebias.exceptions import DivergenceError
     >>> issubclass(DivergenceError, RuntimeError)
+    True
+    """
+
+
+class UntrainedNetworkWarning(UserWarning):
+    """The network given to a corrector is not better than always predicting the most
+    frequent class on its training data, so the correction's result cannot be judged.
+
+    Raised (as a warning) by the correctors that fine-tune a trained network, before the
+    first epoch. Such a network was not trained on the task (or on these labels): train it
+    first, for example with more ``max_epochs``.
+
+    Examples
+    --------
+    >>> from skdebias.exceptions import UntrainedNetworkWarning
+    >>> issubclass(UntrainedNetworkWarning, UserWarning)
     True
     """

@@ -172,6 +172,8 @@ class GAPCNN(nn.Module):
         pool       global average pool + flatten -> (B, 4w)
         fc         Linear(4w, n_classes)
 
+    The convolutions start from He initialisation (``fan_out``, zero bias).
+
     Parameters
     ----------
     n_classes, in_channels, width : int, default=10, 3, 16
@@ -193,6 +195,12 @@ class GAPCNN(nn.Module):
             *conv_blocks(in_channels, w), nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU())
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(4 * w, n_classes)
+        # He initialisation (fan-out, ReLU, zero bias) as in torchvision's VGG and ResNet: with
+        # torch's default the averaged features start so small that training often stalls
+        for conv in self.features:
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return self.fc(self.pool(self.features(x)))

@@ -25,6 +25,9 @@ from skdebias._utils._accelerate import (
 )
 from skdebias.correction._base import _CorrectionNet
 
+# the data-parallel tests correct a small untrained network on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::skdebias.exceptions.UntrainedNetworkWarning")
+
 HERE = Path(__file__).resolve().parent
 
 #: Largest weight difference accepted between one process and two (float32 sums in

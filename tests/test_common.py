@@ -40,8 +40,11 @@ from skdebias import (
 
 
 # check_set_params warns for every skorch parameter that refuses its odd test values
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:TypeError occurred during set_params of param:UserWarning")
+# the checks fit correctors around networks that never saw their random labels
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:TypeError occurred during set_params of param:UserWarning"),
+    pytest.mark.filterwarnings("ignore::skdebias.exceptions.UntrainedNetworkWarning"),
+]
 
 
 class Fails(NamedTuple):

@@ -13,6 +13,9 @@ from skdebias import CAVEstimator
 from skdebias._utils._modules import get_module
 from skdebias.correction import ClassArtifactCompensator, CompensatedLayer, GradientPenaltyCorrector
 
+# these tests correct small untrained networks on purpose (what layers train, BatchNorm, cloning)
+pytestmark = pytest.mark.filterwarnings("ignore::skdebias.exceptions.UntrainedNetworkWarning")
+
 LAYER = "features.6"
 
 

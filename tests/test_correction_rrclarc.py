@@ -17,6 +17,9 @@ from skdebias._utils._modules import get_module
 from skdebias.correction import ClassArtifactCompensator, GradientPenaltyCorrector, gradient_penalty
 from skdebias.metrics import attacked_accuracy, concept_sensitivity, make_debias_scorer
 
+# some tests correct untrained networks on purpose (history, warm start)
+pytestmark = pytest.mark.filterwarnings("ignore::skdebias.exceptions.UntrainedNetworkWarning")
+
 LAYER = "features.6"
 
 

@@ -20,8 +20,9 @@ from skdebias import (
     GradientPenaltyCorrector,
     SpuriosityHeadFinetuner,
 )
-from skdebias.exceptions import DivergenceError
+from skdebias.exceptions import DivergenceError, UntrainedNetworkWarning
 from skdebias.metrics import concept_sensitivity, counterfactual_bias
+from skdebias.models import SmallCNN, make_classifier
 
 LAYER = "features.1"
 
@@ -162,6 +163,32 @@ def test_collapse_to_chance_is_caught_and_clipping_is_on_by_default(artifact_net
     assert rr.max_grad_norm == 100.0
     with pytest.raises(DivergenceError, match="collapsed"):
         rr.fit(d.X[:600], d.y[:600], concept_labels=c[:600])
+
+
+@pytest.mark.parametrize("make", [
+    lambda net: GradientPenaltyCorrector(net, "features.6", penalty=1.0, max_epochs=1,
+                                         device="cpu", random_state=0),
+    lambda net: ClassArtifactCompensator(net, "features.6", mode="augmentative", max_epochs=1,
+                                         device="cpu", random_state=0),
+], ids=["RR-ClArC", "A-ClArC"])
+def test_an_untrained_network_to_correct_is_named_in_a_warning(artifact_net, artifact_data,
+                                                                make):
+    d = artifact_data
+    c = np.where(d.y == 0, d.concept, -1)
+    X, y, c = d.X[:300], d.y[:300], c[:300]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedNetworkWarning)
+        make(artifact_net).fit(X, y, concept_labels=c)  # a trained network: no warning
+    untrained = make_classifier(SmallCNN, max_epochs=1, lr=1e-9, device="cpu",
+                                random_state=0).fit(X, y)
+    corrector = make(untrained)
+    with pytest.warns(UntrainedNetworkWarning,
+                      match=r"network given to .* predicts 0\.\d+ of 300 training samples "
+                            r"correctly.*max_epochs"):
+        corrector.fit(X, y, concept_labels=c)
+    # the same trained network with labels it was not trained on
+    with pytest.warns(UntrainedNetworkWarning, match="labels it was trained on"):
+        make(artifact_net).fit(X, (y + 1) % 10, concept_labels=c)
 
 
 def test_grid_search_ranks_a_diverged_fit_last(artifact_net, artifact_data):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from skorch.callbacks import Callback
 from skorch.dataset import unpack_data
 
-from ..exceptions import DivergenceError
+from ..exceptions import DivergenceError, UntrainedNetworkWarning
 from ._modules import preserve_mode
 
 __all__ = ["DivergenceGuard"]
@@ -22,9 +23,10 @@ class DivergenceGuard(Callback):
     are finite, and on up to ``baseline_samples`` training samples (eval mode) the network
     keeps at least ``keep`` of the accuracy it had above always predicting the most frequent
     class (a network at 0.98 with a majority class of 0.12 must stay above 0.335 for
-    ``keep=0.25``); not checked for a network that was near that level before training. ``advice`` (e.g. ``"lower lr (now 0.01) or penalty (now 1e7)"``) ends
-    the message. The weights of the last healthy epoch are put back before raising, so the
-    net never holds the diverged ones.
+    ``keep=0.25``); not checked for a network that was near that level before training.
+    ``advice`` (e.g. ``"lower lr (now 0.01) or penalty (now 1e7)"``) ends the message. The
+    weights of the last healthy epoch are put back before raising, so the net never holds the
+    diverged ones.
 
     Parameters
     ----------
@@ -35,12 +37,18 @@ class DivergenceGuard(Callback):
     baseline_samples : int, default=512
         Training samples scored before training and after every epoch (eval mode, no
         gradients).
+    warn_untrained : str or None, default=None
+        For a network that should arrive trained (a corrector's): what it is called in the
+        :class:`~skdebias.exceptions.UntrainedNetworkWarning` issued when, before training, it
+        is within 0.1 of always predicting the most frequent class. ``None``: no warning (a
+        network trained from scratch starts there).
     """
 
-    def __init__(self, advice="", keep=0.25, baseline_samples=512):
+    def __init__(self, advice="", keep=0.25, baseline_samples=512, warn_untrained=None):
         self.advice = advice
         self.keep = keep
         self.baseline_samples = baseline_samples
+        self.warn_untrained = warn_untrained
 
     def initialize(self):
         self.good_state_ = None
@@ -77,6 +85,15 @@ class DivergenceGuard(Callback):
         self.majority_ = float(torch.bincount(labels).max()) / n if n else 1.0
         self.baseline_ = self._accuracy(net) if n else 0.0
         self.baseline_ok_ = n > 0 and self.baseline_ > self.majority_ + 0.1
+        if n > 0 and not self.baseline_ok_ and self.warn_untrained:
+            warnings.warn(
+                f"{self.warn_untrained} predicts {self.baseline_:.3f} of {n} training samples "
+                f"correctly, within 0.1 of always predicting the most frequent class "
+                f"({self.majority_:.3f}): it is not trained on these labels, so what the "
+                f"correction does cannot be judged (and a collapse to chance level cannot be "
+                f"told from where it started). Train the network first, e.g. with more "
+                f"max_epochs, and check that y holds the labels it was trained on.",
+                UntrainedNetworkWarning, stacklevel=2)
 
     def on_batch_end(self, net, batch=None, training=None, loss=None, **kwargs):
         if training and loss is not None:

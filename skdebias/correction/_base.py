@@ -285,7 +285,8 @@ def build_net(net_class, module, corrector, max_epochs, extra=None):
               + (f" or penalty (now {corrector.penalty})" if hasattr(corrector, "penalty") else "")
               + (", or set max_grad_norm" if corrector.max_grad_norm is None else
                  f", or max_grad_norm (now {corrector.max_grad_norm})"))
-    callbacks.append(("divergence_guard", DivergenceGuard(advice=advice)))
+    callbacks.append(("divergence_guard", DivergenceGuard(
+        advice=advice, warn_untrained=f"The network given to {type(corrector).__name__}")))
     if corrector.random_state is not None:
         # shuffling from a generator of this fit only: parallel fits (threads) stay reproducible
         seed = check_random_state(corrector.random_state).randint(np.iinfo(np.int32).max)
