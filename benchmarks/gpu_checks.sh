@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one run: the CUDA tests, the CPU-vs-CUDA check, the image-scale
+# rows at every precision (with SpRAy and TCAV) and the Dask scale-out with one worker per GPU.
+#
+#   bash benchmarks/gpu_checks.sh [OUTPUT_DIR]
+#
+# Each step has its own time limit (570 s in all), so one that hangs does not cost the others; the JSON results
+# and a log per step are copied to OUTPUT_DIR (default: benchmarks/results/gpu). Run from the
+# repository root with the package importable (the venv of `make test`, or PYTHON=python3 with
+# skdebias on PYTHONPATH). Exits 0 when every step passed, 1 otherwise; the summary says which.
+set -u
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT_DIR=${1:-benchmarks/results/gpu}
+mkdir -p "$OUT_DIR"
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "No CUDA device visible to $PYTHON: nothing to check." >&2
+    exit 1
+fi
+"$PYTHON" - <<'EOF' | tee "$OUT_DIR/device.txt"
+import torch
+print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA",
+      torch.version.cuda, "| cuDNN", torch.backends.cudnn.version())
+EOF
+
+status=0
+summary=()
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT_DIR/$name.log"
+    summary+=("$name: rc $rc, $((SECONDS - start)) s")
+    [ "$rc" -eq 0 ] || status=1
+}
+
+step cuda_tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step cuda_check 90 "$PYTHON" -W ignore benchmarks/cuda_check.py
+step image_scale 240 "$PYTHON" -W ignore benchmarks/image_scale.py --device cuda \
+    --only scale spray tcav
+step scale_out 150 "$PYTHON" -W ignore benchmarks/scale_out.py --device cuda
+
+cp benchmarks/results/cuda_check.json benchmarks/results/image_scale.json \
+    benchmarks/results/scale_out.json "$OUT_DIR"/ 2>/dev/null
+printf '%s\n' "${summary[@]}" | tee "$OUT_DIR/summary.txt"
+exit $status
