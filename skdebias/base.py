@@ -514,11 +514,16 @@ class DictInputClassifier(InterruptibleMixin, NeuralNetClassifier):
 
     #: Keys of a dict input that carry side information, not module input.
     extra_keys = (BIAS_KEY,)
+    #: What to change when training ends at chance level (``{net}``: the net).
+    chance_level_advice = ("train longer (max_epochs, now {net.max_epochs}) or change lr "
+                           "(now {net.lr})")
 
     def get_default_callbacks(self):
-        # a run whose loss goes NaN (e.g. at a too large lr) stops with an error naming lr
+        # a run whose loss goes NaN (e.g. at a too large lr) stops with an error naming lr, and
+        # one that ends at chance level warns
         return list(super().get_default_callbacks()) + [
-            ("divergence_guard", DivergenceGuard(advice="lower lr (now {net.lr})"))]
+            ("divergence_guard", DivergenceGuard(advice="lower lr (now {net.lr})",
+                                                 warn_chance_end=self.chance_level_advice))]
 
     def initialize_module(self):
         super().initialize_module()

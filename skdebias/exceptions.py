@@ -1,6 +1,6 @@
 """Exceptions and warnings that skdebias raises."""
 
-__all__ = ["DivergenceError", "UntrainedNetworkWarning"]
+__all__ = ["ChanceLevelWarning", "DivergenceError", "UntrainedNetworkWarning"]
 
 
 class DivergenceError(RuntimeError):
@@ -32,5 +32,21 @@ class UntrainedNetworkWarning(UserWarning):
     --------
     >>> from skdebias.exceptions import UntrainedNetworkWarning
     >>> issubclass(UntrainedNetworkWarning, UserWarning)
+    True
+    """
+
+
+class ChanceLevelWarning(UserWarning):
+    """A network trained by an estimator ends its training no better than always predicting
+    the most frequent class on its training samples.
+
+    Issued at the end of ``fit`` by the classifiers that train a network (``EnDClassifier``,
+    ``GroupBalancedClassifier``); the message says which parameters to change (for EnD a
+    regulariser that outweighs the classification: lower ``alpha`` or ``beta``).
+
+    Examples
+    --------
+    >>> from skdebias.exceptions import ChanceLevelWarning
+    >>> issubclass(ChanceLevelWarning, UserWarning)
     True
     """

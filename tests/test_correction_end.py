@@ -396,3 +396,20 @@ def test_endclassifier_clone_and_get_params_round_trip(bias_toy):
         other.fit(X, y, bias=bias)
         assert np.allclose(other.predict_proba(X), clf.predict_proba(X), atol=1e-6)
     clf.set_params(**clf.get_params())
+
+
+def test_endclassifier_that_ends_at_chance_level_warns_naming_alpha_and_beta(bias_toy):
+    import warnings
+
+    from skdebias.exceptions import ChanceLevelWarning
+
+    X, y, bias = bias_toy
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChanceLevelWarning)
+        make_end(alpha=0.1, beta=0.1).fit(X, y, bias=bias)  # learns the classes: no warning
+    # lr 0: the network stays as initialised
+    with pytest.warns(ChanceLevelWarning, match=r"EnDClassifier ends its training predicting "
+                      r"0\.\d+ of 96 training samples correctly.*lower alpha \(now 1\.0\) or "
+                      r"beta \(now 3\.0\), or train longer \(max_epochs, now 3\)"):
+        make_end(lr=0.0).fit(X, y, bias=bias)

@@ -69,3 +69,14 @@ def test_partial_fit_uses_the_group_balanced_weights():
     assert len(clf.history_) == 1
     with pytest.raises(ValueError, match=r"partial_fit needs bias labels \(partial_fit\(X, y"):
         clf.partial_fit(X, y)
+
+
+def test_a_classifier_that_ends_at_chance_level_warns_naming_max_epochs_and_lr(bias_toy):
+    from skdebias.exceptions import ChanceLevelWarning
+
+    X, y, bias = bias_toy
+    clf = GroupBalancedClassifier(MLP, optimizer=torch.optim.Adam, lr=0.0, max_epochs=1,
+                                  train_split=None, verbose=0)
+    with pytest.warns(ChanceLevelWarning, match=r"GroupBalancedClassifier ends its training "
+                      r".*train longer \(max_epochs, now 1\) or change lr \(now 0\.0\)"):
+        clf.fit(X, y, bias=bias)

@@ -9,7 +9,7 @@ import torch
 from skorch.callbacks import Callback
 from skorch.dataset import unpack_data
 
-from ..exceptions import DivergenceError, UntrainedNetworkWarning
+from ..exceptions import ChanceLevelWarning, DivergenceError, UntrainedNetworkWarning
 from ._modules import preserve_mode
 
 __all__ = ["DivergenceGuard"]
@@ -42,13 +42,19 @@ class DivergenceGuard(Callback):
         :class:`~skdebias.exceptions.UntrainedNetworkWarning` issued when, before training, it
         is within 0.1 of always predicting the most frequent class. ``None``: no warning (a
         network trained from scratch starts there).
+    warn_chance_end : str or None, default=None
+        What to change (``{net}`` stands for the net) when the network *ends* training within
+        0.1 of always predicting the most frequent class on the same samples: a
+        :class:`~skdebias.exceptions.ChanceLevelWarning` ending with it. ``None``: not checked.
     """
 
-    def __init__(self, advice="", keep=0.25, baseline_samples=512, warn_untrained=None):
+    def __init__(self, advice="", keep=0.25, baseline_samples=512, warn_untrained=None,
+                 warn_chance_end=None):
         self.advice = advice
         self.keep = keep
         self.baseline_samples = baseline_samples
         self.warn_untrained = warn_untrained
+        self.warn_chance_end = warn_chance_end
 
     def initialize(self):
         self.good_state_ = None
@@ -122,6 +128,16 @@ class DivergenceGuard(Callback):
         raise DivergenceError(f"Training diverged in epoch {epoch}: {what}{advice}.")
 
     def on_train_end(self, net, **kwargs):
+        if self.warn_chance_end and self.probe_ is not None and len(self.probe_.dataset):
+            accuracy = self._accuracy(net)
+            if accuracy <= self.majority_ + 0.1:
+                warnings.warn(
+                    f"{type(net).__name__} ends its training predicting {accuracy:.3f} of "
+                    f"{len(self.probe_.dataset)} training samples correctly, within 0.1 of "
+                    f"always predicting the most frequent class ({self.majority_:.3f}): the "
+                    f"fitted network does not classify these labels; "
+                    f"{self.warn_chance_end.format(net=net)}.",
+                    ChanceLevelWarning, stacklevel=2)
         self.good_state_ = self.probe_ = None  # memory, and a net that pickles
 
     def __getstate__(self):

@@ -383,6 +383,9 @@ class EnDClassifier(HookedLossMixin, DictInputClassifier):
     # the batch-history keys EnD has always had: end_perp / end_par, training batches only
     hooked_history = ("", None)
     hooked_epoch_scores = False
+    chance_level_advice = ("the regulariser outweighs the classification: lower alpha (now "
+                           "{net.alpha}) or beta (now {net.beta}), or train longer (max_epochs, "
+                           "now {net.max_epochs})")
 
     def __init__(self, module, *args, layer=None, alpha=1.0, beta=3.0, center=True,
                  criterion=nn.CrossEntropyLoss, train_split=ValidSplit(5, stratified=True),
