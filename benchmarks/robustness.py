@@ -53,7 +53,11 @@ from skdebias.correction import (
     GradientPenaltyCorrector,
 )
 from skdebias.datasets import make_artifact_digits, make_colored_digits
-from skdebias.exceptions import DivergenceError, UntrainedNetworkWarning
+from skdebias.exceptions import (
+    CleanAccuracyWarning,
+    DivergenceError,
+    UntrainedNetworkWarning,
+)
 from skdebias.metrics import artifact_relevance, counterfactual_bias, make_debias_scorer
 from skdebias.models import ZOO, make_classifier, make_zoo_model
 
@@ -353,10 +357,14 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                             "collapsed": bool(clean < 0.2)})
             rows.append(row)
         for name, pooling in (("P-ClArC", "max"), ("P-ClArC (flatten)", "flatten")):
-            pc = ClassArtifactCompensator(net, conv, pooling=pooling, device=device).fit(
-                data.X, data.y, c)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CleanAccuracyWarning)
+                pc = ClassArtifactCompensator(net, conv, pooling=pooling, device=device).fit(
+                    data.X, data.y, c)
             rows.append({"method": name, "clean acc": _acc(pc, data.X_test, data.y_test),
-                         "attacked acc": _acc(pc, X_att, data.y_test)})
+                         "attacked acc": _acc(pc, X_att, data.y_test),
+                         "warned clean accuracy": any(
+                             issubclass(w.category, CleanAccuracyWarning) for w in caught)})
         # SpRAy on class 0 of the training split, where the artifact lives
         idx0 = np.flatnonzero(data.y == 0)
         art = data.concept[idx0] == 1
@@ -457,9 +465,11 @@ def summarise(rows):
             errors = [r["error"] for r in rs if r.get("error")]
             if errors:
                 row["refused"] = f"{len(errors)} of {len(rs)}: {errors[0]}"
-            warned = sum(bool(r.get("warned untrained")) for r in rs)
-            if warned:
-                row["warned"] = f"{warned} of {len(rs)}: UntrainedNetworkWarning"
+            for key, name in (("warned untrained", "UntrainedNetworkWarning"),
+                              ("warned clean accuracy", "CleanAccuracyWarning")):
+                warned = sum(bool(r.get(key)) for r in rs)
+                if warned:
+                    row["warned"] = f"{warned} of {len(rs)}: {name}"
             row["meets"] = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in meets.items())
             row["targets"] = meets
             out.append(row)

@@ -1,6 +1,7 @@
 """Exceptions and warnings that skdebias raises."""
 
-__all__ = ["ChanceLevelWarning", "DivergenceError", "UntrainedNetworkWarning"]
+__all__ = ["ChanceLevelWarning", "CleanAccuracyWarning", "DivergenceError",
+           "UntrainedNetworkWarning"]
 
 
 class DivergenceError(RuntimeError):
@@ -48,5 +49,20 @@ class ChanceLevelWarning(UserWarning):
     --------
     >>> from skdebias.exceptions import ChanceLevelWarning
     >>> issubclass(ChanceLevelWarning, UserWarning)
+    True
+    """
+
+
+class CleanAccuracyWarning(UserWarning):
+    """A projection that should leave samples without the concept alone changes their
+    predictions: P-ClArC costs accuracy on the training samples not labelled with the concept.
+
+    Issued by ``ClassArtifactCompensator(mode="projective")`` when that accuracy falls by more
+    than 5 points; the message suggests ``pooling="flatten"`` or another ``layer``.
+
+    Examples
+    --------
+    >>> from skdebias.exceptions import CleanAccuracyWarning
+    >>> issubclass(CleanAccuracyWarning, UserWarning)
     True
     """

@@ -45,6 +45,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:TypeError occurred during set_params of param:UserWarning"),
     pytest.mark.filterwarnings("ignore::skdebias.exceptions.UntrainedNetworkWarning"),
     pytest.mark.filterwarnings("ignore::skdebias.exceptions.ChanceLevelWarning"),
+    pytest.mark.filterwarnings("ignore::skdebias.exceptions.CleanAccuracyWarning"),
 ]
 
 

@@ -198,3 +198,27 @@ def test_pclarc_flatten_errors(artifact_data, artifact_net):
         d.X[:200], d.y[:200], c[:200])
     with pytest.raises(ValueError, match="per-sample shape"):
         pc.predict(np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_pclarc_that_costs_clean_accuracy_warns_naming_pooling(artifact_data, artifact_net):
+    import warnings
+
+    from skdebias.exceptions import CleanAccuracyWarning
+
+    d = artifact_data
+    c = np.where(d.y == 0, d.concept, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CleanAccuracyWarning)
+        good = ClassArtifactCompensator(artifact_net, LAYER, device="cpu").fit(d.X, d.y, c)
+    assert abs(good.clean_accuracy_change_) <= 0.05
+    # a shift far beyond any activation moves every image
+    v = np.random.RandomState(0).rand(64)
+    bad = ClassArtifactCompensator(artifact_net, LAYER, cav=v, reference=-500.0, device="cpu")
+    with pytest.warns(CleanAccuracyWarning, match=r"lowers the accuracy on 512 training samples "
+                      r"not labelled with the concept from 0\.\d+ to 0\.\d+.*pooling='flatten'"):
+        bad.fit(d.X, d.y, c)
+    assert bad.clean_accuracy_change_ < -0.5
+    aclarc = ClassArtifactCompensator(artifact_net, LAYER, mode="augmentative", max_epochs=1,
+                                      device="cpu", random_state=0).fit(d.X[:200], d.y[:200],
+                                                                          c[:200])
+    assert aclarc.clean_accuracy_change_ is None

@@ -20,15 +20,17 @@ uniformly over the map (suited to artifacts at a fixed position).
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._utils._data import training_data
-from .._utils._modules import find_layer, replace_module
+from .._utils._data import take, training_data
+from .._utils._modules import find_layer, predict_proba, replace_module
 from .._utils._validation import check_choice, check_int
 from ..base import atomic_fit
+from ..exceptions import CleanAccuracyWarning
 from ..extraction import POOLINGS, pool_activations
 from ._base import _CAVCorrector, _CorrectionNet, build_net, resolve_train_layers
 
@@ -199,6 +201,10 @@ class ClassArtifactCompensator(_CAVCorrector):
         measured there shows the effect of the compensation.
     classes_ : ndarray
     trainable_params_ : list of str
+    clean_accuracy_change_ : float or None
+        Projective mode: accuracy with minus without the compensation on up to 512 training
+        samples not labelled with the concept (a drop of more than 0.05 warns with a
+        :class:`~skdebias.exceptions.CleanAccuracyWarning`); ``None`` in augmentative mode.
 
     See Also
     --------
@@ -297,16 +303,47 @@ class ClassArtifactCompensator(_CAVCorrector):
             net.fit(training_data(ctx["X"], ctx["y_idx"]), ctx["y_idx"])
         else:
             net.initialize()
+        self.clean_accuracy_change_ = None
         if self.mode == "augmentative":
             replace_module(net.module_, self.layer, original)
             net.eval_modules = eval_modules_without_wrapper(eval_modules, self.layer)
             self.measure_layer_ = self.layer
         else:
             self.measure_layer_ = f"{self.layer}.layer"
+            self._check_clean_accuracy(net.module_, ctx)
         self.trainable_params_ = [self._renamed(p) if self.mode == "projective" else p
                                   for p in trainable]
         self.estimator_ = net
         return self
+
+    #: Training samples (without the concept) on which P-ClArC's accuracy cost is checked.
+    clean_check_samples = 512
+
+    def _check_clean_accuracy(self, module, ctx):
+        """Warn when the compensation costs more than 5 points of accuracy on up to
+        ``clean_check_samples`` training samples not labelled with the concept."""
+        c = ctx["concept_labels"]
+        idx = np.flatnonzero(c != 1) if c is not None else np.arange(len(ctx["y_idx"]))
+        idx = idx[:self.clean_check_samples]
+        if len(idx) == 0:
+            return
+        X, y = take(ctx["X"], idx), np.asarray(ctx["y_idx"])[idx]
+        wrapped = find_layer(module, self.layer)
+        compensated = predict_proba(module, X, output=self.output_).argmax(1)
+        replace_module(module, self.layer, wrapped.layer)
+        try:
+            plain = predict_proba(module, X, output=self.output_).argmax(1)
+        finally:
+            replace_module(module, self.layer, wrapped)
+        before, after = float(np.mean(plain == y)), float(np.mean(compensated == y))
+        self.clean_accuracy_change_ = after - before
+        if before - after > 0.05:
+            warnings.warn(
+                f"P-ClArC at layer {self.layer!r} (pooling={self.pooling!r}) lowers the accuracy "
+                f"on {len(idx)} training samples not labelled with the concept from {before:.3f} "
+                f"to {after:.3f}: the shift moves images that do not show the artifact. Try "
+                f"pooling='flatten' (a CAV over every activation, not one value per channel) or "
+                f"another layer.", CleanAccuracyWarning, stacklevel=3)
 
     def _renamed(self, name):
         """Name of a module/parameter of the original network once the layer is wrapped."""
