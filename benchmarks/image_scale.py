@@ -18,10 +18,10 @@
     folder every run, so neither side reuses earlier work) and the scores per layer. The scores
     agree within sampling noise when the difference of the mean concept scores is at most
     twice its standard error over the random sets (plus 0.05 for the different CAV solvers).
-    Untimed, two more comparisons: captum given the CAV classifier of ``tcav_score`` (a
-    logistic regression with ``C=1`` on all images of the two sets) must give the same scores,
-    and captum's own classifier (SGD on a random two thirds of the images) rerun with further
-    seeds shows how much its scores move with the seed alone.
+    Untimed, two more comparisons: captum given the CAV classifier of ``tcav_score``
+    (``CAVEstimator(method="logistic", C=1)`` on all images of the two sets) must give the same
+    scores, and captum's own classifier (SGD on a random two thirds of the images) rerun with
+    further seeds shows how much its scores move with the seed alone.
 
 Run: .venv/bin/python benchmarks/image_scale.py [--quick] [--device cuda]
                                                 [--precisions float32 bfloat16 float16]
@@ -347,31 +347,30 @@ CAPTUM_SEEDS = (1, 2)
 
 
 def logistic_cav_classifier(C):
-    """A captum ``Classifier`` that fits the CAV as ``tcav_score(cav_method="logistic")``
-    does: an L2 logistic regression with inverse regularisation ``C`` on every (centred)
-    activation of the two sets, no held-out split. Its weight rows are ordered like
-    ``classes()``."""
+    """A captum ``Classifier`` whose CAV is fitted by the estimator ``tcav_score`` uses,
+    ``CAVEstimator(method="logistic", C=C)``, on every activation of the two sets (no held-out
+    split). Its weight rows are ordered like ``classes()``."""
     from captum.concept._utils.classifier import Classifier
-    from sklearn.linear_model import LogisticRegression
+
+    from skdebias import CAVEstimator
 
     class LogisticCAV(Classifier):
         def __init__(self):
-            self.model = None
+            self.cav = None
 
         def train_and_eval(self, dataloader, **kwargs):
             acts, labels = zip(*dataloader)
             A = torch.cat(acts).flatten(1).double().cpu().numpy()
-            A = A - A.mean(axis=0)  # centred as CAVEstimator does (the intercept absorbs it)
             y = torch.cat(labels).cpu().numpy()
-            self.model = LogisticRegression(C=C, max_iter=1000).fit(A, y)
-            return {"accs": torch.tensor(self.model.score(A, y))}
+            self.cav = CAVEstimator(method="logistic", C=C).fit(A, y)
+            return {"accs": torch.tensor(self.cav.score(A, y))}
 
         def weights(self):
-            w = torch.as_tensor(self.model.coef_[0], dtype=torch.float32)
-            return torch.stack([-w, w])  # row i points towards classes()[i]
+            v = torch.as_tensor(self.cav.cav_, dtype=torch.float32)
+            return torch.stack([-v, v])  # cav_ points towards classes_[1]
 
         def classes(self):
-            return [int(c) for c in self.model.classes_]
+            return [int(c) for c in self.cav.classes_]
 
     return LogisticCAV()
 

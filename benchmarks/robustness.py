@@ -213,16 +213,24 @@ def _search(est, grid, data, seed):
     return search.best_params_["penalty"], time.perf_counter() - start
 
 
+def _recording(category, fn):
+    """``fn()`` and whether it issued a warning of ``category``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category)
+        out = fn()
+    return out, any(issubclass(w.category, category) for w in caught)
+
+
 def _fit_or_collapse(make, data, c):
     """Fit; a DivergenceError is a collapse (None). Also returns whether the estimator warned
     that the network it was given is untrained (UntrainedNetworkWarning)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UntrainedNetworkWarning)
+    def fit():
         try:
-            est = make().fit(data.X, data.y, concept_labels=c)
+            return make().fit(data.X, data.y, concept_labels=c)
         except DivergenceError:
-            est = None
-    return est, any(issubclass(w.category, UntrainedNetworkWarning) for w in caught)
+            return None
+
+    return _recording(UntrainedNetworkWarning, fit)
 
 
 def _captum_tcav(module, layer, X, concept_X, random_sets, target, device):
@@ -357,14 +365,11 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                             "collapsed": bool(clean < 0.2)})
             rows.append(row)
         for name, pooling in (("P-ClArC", "max"), ("P-ClArC (flatten)", "flatten")):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", CleanAccuracyWarning)
-                pc = ClassArtifactCompensator(net, conv, pooling=pooling, device=device).fit(
-                    data.X, data.y, c)
+            pc, warned = _recording(CleanAccuracyWarning, lambda: ClassArtifactCompensator(
+                net, conv, pooling=pooling, device=device).fit(data.X, data.y, c))
             rows.append({"method": name, "clean acc": _acc(pc, data.X_test, data.y_test),
                          "attacked acc": _acc(pc, X_att, data.y_test),
-                         "warned clean accuracy": any(
-                             issubclass(w.category, CleanAccuracyWarning) for w in caught)})
+                         "warned clean accuracy": warned})
         # SpRAy on class 0 of the training split, where the artifact lives
         idx0 = np.flatnonzero(data.y == 0)
         art = data.concept[idx0] == 1

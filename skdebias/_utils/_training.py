@@ -75,6 +75,10 @@ class DivergenceGuard(Callback):
                 seen += len(pred)
         return correct / max(seen, 1)
 
+    def _near_chance(self, accuracy):
+        """Within 0.1 of always predicting the most frequent class of the probe."""
+        return accuracy <= self.majority_ + 0.1
+
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         self.good_state_ = copy.deepcopy(net.module_.state_dict())
         # a fixed probe of training samples: the original network's accuracy on it tells a
@@ -90,7 +94,7 @@ class DivergenceGuard(Callback):
                             for b in self.probe_]) if n else torch.zeros(0, dtype=torch.long)
         self.majority_ = float(torch.bincount(labels).max()) / n if n else 1.0
         self.baseline_ = self._accuracy(net) if n else 0.0
-        self.baseline_ok_ = n > 0 and self.baseline_ > self.majority_ + 0.1
+        self.baseline_ok_ = n > 0 and not self._near_chance(self.baseline_)
         if n > 0 and not self.baseline_ok_ and self.warn_untrained:
             warnings.warn(
                 f"{self.warn_untrained} predicts {self.baseline_:.3f} of {n} training samples "
@@ -130,7 +134,7 @@ class DivergenceGuard(Callback):
     def on_train_end(self, net, **kwargs):
         if self.warn_chance_end and self.probe_ is not None and len(self.probe_.dataset):
             accuracy = self._accuracy(net)
-            if accuracy <= self.majority_ + 0.1:
+            if self._near_chance(accuracy):
                 warnings.warn(
                     f"{type(net).__name__} ends its training predicting {accuracy:.3f} of "
                     f"{len(self.probe_.dataset)} training samples correctly, within 0.1 of "

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._utils._data import take, training_data
-from .._utils._modules import find_layer, predict_proba, replace_module
+from .._utils._modules import find_layer, get_module, predict_proba, replace_module
 from .._utils._validation import check_choice, check_int
 from ..base import atomic_fit
 from ..exceptions import CleanAccuracyWarning
@@ -328,13 +328,10 @@ class ClassArtifactCompensator(_CAVCorrector):
         if len(idx) == 0:
             return
         X, y = take(ctx["X"], idx), np.asarray(ctx["y_idx"])[idx]
-        wrapped = find_layer(module, self.layer)
         compensated = predict_proba(module, X, output=self.output_).argmax(1)
-        replace_module(module, self.layer, wrapped.layer)
-        try:
-            plain = predict_proba(module, X, output=self.output_).argmax(1)
-        finally:
-            replace_module(module, self.layer, wrapped)
+        # the caller's module (eval mode, its flags restored), not its skorch net: skorch's
+        # predict_proba would leave it in eval mode
+        plain = predict_proba(get_module(self.estimator), X, output=self.output_).argmax(1)
         before, after = float(np.mean(plain == y)), float(np.mean(compensated == y))
         self.clean_accuracy_change_ = after - before
         if before - after > 0.05:
