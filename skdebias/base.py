@@ -45,7 +45,7 @@ from ._utils._modules import (
     predict_proba,
 )
 from ._utils._runtime import autocast, check_precision, resolve_device
-from ._utils._training import DivergenceGuard
+from ._utils._training import DivergenceGuard, GuardLastMixin
 from ._utils._validation import check_int, check_real, check_y
 
 __all__ = ["BaseNetworkEstimator", "NetworkClassifierMixin", "atomic_fit", "LayerCapture",
@@ -492,7 +492,7 @@ class InterruptibleMixin:
         return self
 
 
-class DictInputClassifier(InterruptibleMixin, NeuralNetClassifier):
+class DictInputClassifier(GuardLastMixin, InterruptibleMixin, NeuralNetClassifier):
     """A skorch ``NeuralNetClassifier`` whose images may come with per-sample side information.
 
     The input is an array, tensor or Dataset of images, or a dict

@@ -2,6 +2,7 @@
 and the label / sample checks they use."""
 
 import copy
+import warnings
 import pickle
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from sklearn.base import clone
 from skorch import NeuralNetClassifier
+from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
 from torch import nn
 
@@ -298,3 +300,32 @@ def test_float64_int_and_list_inputs_are_converted(bias_toy, kind, convert):
     proba = clf.predict_proba(Xc)
     assert proba.shape == (len(y), 3) and np.all(np.isfinite(proba))
     assert clf.predict(Xc).shape == (len(y),)
+
+
+# ------------------------------------------------------------------ the guard runs last
+class _ForgetAtTheEnd(Callback):
+    """Leaves the net at chance level when training ends, as a checkpoint that loads the
+    weights of an early, untrained epoch does."""
+
+    def on_train_end(self, net, **kwargs):
+        with torch.no_grad():
+            for p in net.module_.parameters():
+                p.zero_()
+
+
+def test_the_chance_level_check_judges_the_network_the_other_callbacks_leave(bias_toy):
+    from skdebias.exceptions import ChanceLevelWarning
+
+    X, y, bias = bias_toy
+    kw = dict(optimizer=torch.optim.Adam, lr=0.05, max_epochs=20, train_split=None, verbose=0)
+    trained = GroupBalancedClassifier(MLP, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChanceLevelWarning)  # it trains: no warning
+        torch.manual_seed(0)
+        trained.fit(X, y, bias=bias)
+    assert np.mean(trained.predict(X) == y) > 0.6
+    forgetful = GroupBalancedClassifier(MLP, callbacks=[("forget", _ForgetAtTheEnd())], **kw)
+    assert [name for name, _ in forgetful.initialize().callbacks_][-1] == "divergence_guard"
+    torch.manual_seed(0)
+    with pytest.warns(ChanceLevelWarning, match="GroupBalancedClassifier ends its training"):
+        forgetful.fit(X, y, bias=bias)

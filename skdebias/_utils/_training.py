@@ -12,7 +12,7 @@ from skorch.dataset import unpack_data
 from ..exceptions import ChanceLevelWarning, DivergenceError, UntrainedNetworkWarning
 from ._modules import preserve_mode
 
-__all__ = ["DivergenceGuard"]
+__all__ = ["DivergenceGuard", "GuardLastMixin"]
 
 
 class DivergenceGuard(Callback):
@@ -150,3 +150,21 @@ class DivergenceGuard(Callback):
         state.pop("probe_", None)
         return state
 
+
+
+class GuardLastMixin:
+    """skorch net mixin: :class:`DivergenceGuard` callbacks run after every other callback.
+
+    The guard then judges the network the other callbacks leave: at the end of training one
+    that loads other weights (``Checkpoint(load_best=True)`` puts back the best validation
+    epoch) is checked for chance level as it is returned, and at the start the baseline is
+    taken after a callback has loaded initial weights (``LoadInitState``). The other
+    callbacks keep their order.
+    """
+
+    def initialize_callbacks(self):
+        super().initialize_callbacks()
+        # sorted is stable: only the guards move, to the end
+        self.callbacks_ = sorted(self.callbacks_,
+                                 key=lambda item: isinstance(item[1], DivergenceGuard))
+        return self

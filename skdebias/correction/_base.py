@@ -36,7 +36,7 @@ from .._utils._modules import (
     to_probabilities,
 )
 from .._utils._runtime import autocast, grad_scaler, resolve_device
-from .._utils._training import DivergenceGuard
+from .._utils._training import DivergenceGuard, GuardLastMixin
 from .._utils._validation import (
     UNLABELLED,
     check_choice,
@@ -159,7 +159,7 @@ def resolve_cav(cav, module, layer, X, concept_labels, out_shape, batch_size, de
 
 
 # ------------------------------------------------------------------ skorch
-class _CorrectionNet(InterruptibleMixin, NeuralNetClassifier):
+class _CorrectionNet(GuardLastMixin, InterruptibleMixin, NeuralNetClassifier):
     """NeuralNetClassifier that keeps ``eval_modules`` of the module in eval mode while training.
 
     Forward passes run at ``precision`` (autocast; the outputs are returned in float32, so
