@@ -13,13 +13,23 @@ Columns (mean ± std over the seeds):
 - ``cf_bias``: ``mean |p_y(x) - p_y(x_cf)|`` over biased test digits shown in another colour;
 - ``time_s``: wall time of the method (FMD: its own fit on the vanilla network).
 
-Configuration (every trained model): SmallCNN (width 16, hidden 64), Adam, lr 2e-3, batch 64,
-``EPOCHS`` epochs, no validation split. EnD and FMD run with their defaults (EnD: the input of
-the last Linear layer, centred features, alpha 1, beta 3). Reweighting: GroupBalancedClassifier
-(each (class, colour) group weighted by the inverse of its frequency).
+Configuration (every trained model): SmallCNN (width 16, hidden 64; ``--arch`` picks another
+network of the zoo), Adam, lr 2e-3, batch 64, ``EPOCHS`` epochs. EnD and FMD run with their
+defaults (EnD: the input of the last Linear layer, centred features, alpha 1, beta 3).
+Reweighting: GroupBalancedClassifier (each (class, colour) group weighted by the inverse of its
+frequency).
+
+Epoch selection (``--selection``):
+- ``valid`` (default, the EnD authors' protocol): 30 % of the training digits, recoloured
+  uniformly at random (``load_biased_mnist(validation_size=0.3)``; the digits also stay in the
+  training set), form an unbiased validation split; vanilla, reweighting and EnD keep the epoch
+  with the best validation accuracy (skorch ``Checkpoint(load_best=True)``); FMD edits that
+  vanilla network. No test digit takes part in the choice.
+- ``last``: no validation split, the last epoch is kept.
 
 Run: .venv/bin/python benchmarks/biased_mnist.py [--quick] [--jobs N] [--device cpu|cuda]
-     [--rhos ...] [--seeds ...] [--mode background|foreground]
+     [--rhos ...] [--seeds ...] [--mode background|foreground] [--selection valid|last]
+     [--arch small_cnn|vgg_bn|resnet|gap_cnn] [--methods vanilla EnD ...]
 ``--jobs`` runs the (rho, seed) cases in N processes (one torch thread each); the full run is
 4 rho x 3 seeds x 3 trainings (about 20 s each on one core of a recent CPU).
 """
@@ -27,16 +37,21 @@ Run: .venv/bin/python benchmarks/biased_mnist.py [--quick] [--jobs N] [--device 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
 import time
 
 import numpy as np
 import torch
+from skorch.callbacks import Checkpoint
+from skorch.dataset import Dataset
+from skorch.helper import predefined_split
 
 from _common import colour_scores, emit, seed_summary, timed
 
 from skdebias.correction import EnDClassifier, FastModelDebiaser, GroupBalancedClassifier
 from skdebias.datasets import load_biased_mnist
-from skdebias.models import SmallCNN, make_classifier
+from skdebias.models import ZOO, make_classifier
 
 EPOCHS = 15
 LR = 2e-3
@@ -47,39 +62,72 @@ RHOS = (0.990, 0.995, 0.997, 0.999)
 PAPER = {"vanilla": {0.990: 0.891, 0.995: 0.721, 0.997: 0.334, 0.999: 0.104},
          "EnD": {0.990: 0.960, 0.995: 0.939, 0.997: 0.837, 0.999: 0.523}}
 TRAIN_SIZE, PAPER_TRAIN_SIZE = 3500, 60000
+VALIDATION_SIZE = 0.3  # share of the training digits recoloured into the validation split
+SELECTIONS = ("valid", "last")
 
 
-def _train_kwargs(device):
+def _selection_kwargs(data, selection, dirname, with_bias=False):
+    """skorch arguments of the epoch selection: the unbiased validation split and a checkpoint
+    of the best validation accuracy, loaded at the end of training (``"valid"``), or none."""
+    if selection == "last":
+        return {"train_split": None}
+    X_val = {"X": data.X_val, "bias": data.bias_val} if with_bias else data.X_val
+    return {"train_split": predefined_split(Dataset(X_val, data.y_val)),
+            "callbacks": [Checkpoint(monitor="valid_acc_best", load_best=True, dirname=dirname,
+                                     f_optimizer=None, f_criterion=None, f_history=None)]}
+
+
+def _train_kwargs(device, selection_kwargs):
     return dict(optimizer=torch.optim.Adam, lr=LR, max_epochs=EPOCHS, batch_size=BATCH,
-                train_split=None, iterator_train__shuffle=True, verbose=0, device=device)
+                iterator_train__shuffle=True, verbose=0, device=device, **selection_kwargs)
 
 
-def run_case(rho, seed, mode="background", device="cpu", threads=1, methods=METHODS):
+def _best_epoch(net):
+    """The epoch kept: the best validation accuracy, or the last one without validation."""
+    if "valid_acc" not in net.history[-1]:
+        return len(net.history)
+    return int(np.argmax(net.history[:, "valid_acc"])) + 1
+
+
+def run_case(rho, seed, mode="background", device="cpu", threads=1, methods=METHODS,
+             selection="valid", arch="small_cnn"):
     """Every method on one (rho, seed): a list of result rows."""
+    module = ZOO[arch][0]
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     torch.set_num_threads(threads)
-    data = load_biased_mnist(rho=rho, mode=mode, counterfactual=True, random_state=seed)
+    data = load_biased_mnist(rho=rho, mode=mode, counterfactual=True, random_state=seed,
+                             validation_size=VALIDATION_SIZE if selection == "valid" else 0.0)
     rows = []
-    vanilla = make_classifier(SmallCNN, max_epochs=EPOCHS, lr=LR, batch_size=BATCH,
-                              device=device, random_state=seed)
-    vanilla, t_vanilla = timed(lambda: vanilla.fit(data.X, data.y))
-    rows.append({"method": "vanilla", **colour_scores(vanilla, data), "time_s": t_vanilla})
-    if "reweight" in methods:
-        torch.manual_seed(seed)
-        rw = GroupBalancedClassifier(SmallCNN, **_train_kwargs(device))
-        rw, t = timed(lambda: rw.fit(data.X, data.y, bias=data.bias))
-        rows.append({"method": "reweight", **colour_scores(rw, data), "time_s": t})
-    if "EnD" in methods:
-        torch.manual_seed(seed)
-        end = EnDClassifier(SmallCNN, **_train_kwargs(device))
-        end, t = timed(lambda: end.fit(data.X, data.y, bias=data.bias))
-        rows.append({"method": "EnD", **colour_scores(end, data), "time_s": t})
+    with contextlib.ExitStack() as stack:
+        def select(with_bias=False):
+            return _selection_kwargs(data, selection, stack.enter_context(
+                tempfile.TemporaryDirectory()), with_bias)
+
+        vanilla = make_classifier(module, max_epochs=EPOCHS, lr=LR, batch_size=BATCH,
+                                  device=device, random_state=seed, verbose=0, **select())
+        vanilla, t_vanilla = timed(lambda: vanilla.fit(data.X, data.y))
+        rows.append({"method": "vanilla", **colour_scores(vanilla, data), "time_s": t_vanilla,
+                     "epoch": _best_epoch(vanilla)})
+        if "reweight" in methods:
+            torch.manual_seed(seed)
+            rw = GroupBalancedClassifier(module, **_train_kwargs(device, select()))
+            rw, t = timed(lambda: rw.fit(data.X, data.y, bias=data.bias))
+            rows.append({"method": "reweight", **colour_scores(rw, data), "time_s": t,
+                         "epoch": _best_epoch(rw)})
+        if "EnD" in methods:
+            torch.manual_seed(seed)
+            end = EnDClassifier(module, **_train_kwargs(device, select(with_bias=True)))
+            end, t = timed(lambda: end.fit(data.X, data.y, bias=data.bias))
+            rows.append({"method": "EnD", **colour_scores(end, data), "time_s": t,
+                         "epoch": _best_epoch(end)})
     if "FMD" in methods:
         fmd = FastModelDebiaser(vanilla, device=device, random_state=seed)
         fmd, t = timed(lambda: fmd.fit(data.X, data.y, X_cf=data.X_cf))
         rows.append({"method": "FMD", **colour_scores(fmd.estimator_, data), "time_s": t,
                      "fmd_steps": int(fmd.n_steps_)})
     for r in rows:
-        r.update(rho=rho, seed=seed, mode=mode)
+        r.update(rho=rho, seed=seed, mode=mode, selection=selection, arch=arch)
     return rows
 
 
@@ -89,6 +137,8 @@ def summarise(per_seed, rhos):
         rs, paper = row.pop("runs"), PAPER.get(row["method"], {}).get(row["rho"])
         row["paper"] = "-" if paper is None else f"{paper:.3f}"
         row["time_s"] = f"{np.mean([r['time_s'] for r in rs]):.1f}"
+        epochs = [r["epoch"] for r in rs if "epoch" in r]
+        row["epoch"] = f"{np.mean(epochs):.1f}" if epochs else "-"
     return table
 
 
@@ -117,6 +167,14 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes over (rho, seed), one torch thread each")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--selection", default="valid", choices=list(SELECTIONS),
+                        help="valid: keep the epoch with the best accuracy on the unbiased "
+                             "validation split (the EnD authors' protocol); last: the last epoch")
+    parser.add_argument("--arch", default="small_cnn", choices=sorted(ZOO),
+                        help="network of the zoo (skdebias.models.ZOO); EnD's defaults were "
+                             "chosen on small_cnn")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="vanilla always runs (FMD edits it)")
     args = parser.parse_args(argv)
     rhos, seeds = (args.rhos, args.seeds) if not args.quick else ([0.99, 0.997], [0])
     cases = [(rho, seed) for seed in seeds for rho in rhos]
@@ -125,13 +183,17 @@ def main(argv=None):
         from joblib import Parallel, delayed
 
         results = Parallel(n_jobs=args.jobs)(
-            delayed(run_case)(rho, seed, args.mode, args.device) for rho, seed in cases)
+            delayed(run_case)(rho, seed, args.mode, args.device, methods=args.methods,
+                              selection=args.selection, arch=args.arch)
+            for rho, seed in cases)
     else:
-        results = [run_case(rho, seed, args.mode, args.device, threads=2) for rho, seed in cases]
+        results = [run_case(rho, seed, args.mode, args.device, threads=2, methods=args.methods,
+                            selection=args.selection, arch=args.arch) for rho, seed in cases]
     per_seed = [r for rows in results for r in rows]
     for rows in results:
         print(f"rho={rows[0]['rho']} seed={rows[0]['seed']}: " + "; ".join(
             f"{r['method']} {r['biased_acc']:.3f}/{r['unbiased_acc']:.3f} {r['time_s']:.1f}s"
+            + (f" (epoch {r['epoch']})" if "epoch" in r else "")
             for r in rows))
     total = time.perf_counter() - start
     checks = acceptance(per_seed, rhos)
@@ -140,17 +202,26 @@ def main(argv=None):
           f"({PAPER_TRAIN_SIZE / TRAIN_SIZE:.0f}x fewer); bias-conflicting training digits "
           + ", ".join(f"rho {rho}: {TRAIN_SIZE * (1 - rho):.1f} vs {PAPER_TRAIN_SIZE * (1 - rho):.0f}"
                       for rho in rhos) + ".")
-    emit(f"biased_mnist{'' if args.mode == 'background' else '_' + args.mode}",
+    suffix = ("" if args.mode == "background" else "_" + args.mode) + \
+        ("" if args.selection == "valid" else "_" + args.selection) + \
+        ("" if args.arch == "small_cnn" else "_" + args.arch)
+    emit(f"biased_mnist{suffix}",
          summarise(per_seed, rhos),
          title=f"Biased-MNIST ({args.mode}), mean ± std over seeds {seeds}; paper = EnD paper's "
-               f"unbiased accuracy on 60,000 digits ({EPOCHS} epochs, total {total:.0f} s)",
-         columns=["rho", "method", "biased_acc", "unbiased_acc", "paper", "cf_bias", "time_s"],
+               f"unbiased accuracy on 60,000 digits ({EPOCHS} epochs, epoch selection "
+               f"{args.selection!r}, total {total:.0f} s)",
+         columns=["rho", "method", "biased_acc", "unbiased_acc", "paper", "cf_bias", "epoch",
+                  "time_s"],
          extra={"per_seed": per_seed, "acceptance": checks, "total_seconds": total,
                 "paper": {m: {str(k): v for k, v in d.items()} for m, d in PAPER.items()},
                 "train_size": TRAIN_SIZE, "paper_train_size": PAPER_TRAIN_SIZE,
                 "config": {"epochs": EPOCHS, "lr": LR, "batch_size": BATCH, "optimizer": "Adam",
-                           "model": "SmallCNN", "mode": args.mode, "seeds": seeds,
-                           "rhos": rhos, "jobs": args.jobs, "device": args.device}})
+                           "model": ZOO[args.arch][0].__name__, "arch": args.arch,
+                           "methods": args.methods, "mode": args.mode, "seeds": seeds,
+                           "rhos": rhos, "jobs": args.jobs, "device": args.device,
+                           "selection": args.selection,
+                           "validation_size": VALIDATION_SIZE if args.selection == "valid"
+                           else 0.0}})
     for c in checks:
         print(f"[{'ok' if c['ok'] else 'MISSED'}] rho={c['rho']}: {c['target']}: {c['value']}")
 

