@@ -354,3 +354,30 @@ def test_artifact_mutation_does_not_leak():
 def test_artifact_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_artifact_digits(**kwargs)
+
+
+def test_colored_validation_split_recolours_training_digits():
+    plain = make_colored_digits(rho=0.95, counterfactual=True, random_state=3)
+    d = make_colored_digits(rho=0.95, counterfactual=True, validation_size=0.5, random_state=3)
+    for key in ("X", "y", "bias", "X_test", "X_test_biased", "X_cf", "X_test_cf"):
+        np.testing.assert_array_equal(d[key], plain[key])
+    n = int(round(0.5 * len(d.y)))
+    assert d.X_val.shape == (n, 3, 28, 28) and len(d.y_val) == len(d.bias_val) == n
+    # each validation image is a training digit of its class in a new colour: the grey digit,
+    # read back from the channel where its colour is darkest (x = g + (1 - g) c), is the same
+
+    def grey(X, bias):
+        c = d.colors[bias].astype(np.float64)
+        k = c.argmin(1)
+        ck = c[np.arange(len(bias)), k][:, None, None]
+        g = (X[np.arange(len(bias)), k] - ck) / (1.0 - ck)
+        return g.reshape(len(bias), -1)
+
+    from sklearn.metrics import pairwise_distances
+
+    dist = pairwise_distances(grey(d.X_val, d.bias_val), grey(d.X, d.bias))
+    assert dist.min(axis=1).max() < 1e-3
+    np.testing.assert_array_equal(d.y[dist.argmin(axis=1)], d.y_val)
+    assert d.concept_val.mean() < 0.25 and d.concept.mean() > 0.9
+    with pytest.raises(ValueError, match=r"validation_size must be a finite number >= 0 and < 1"):
+        make_colored_digits(validation_size=1.0)

@@ -101,3 +101,21 @@ def _colored_bunch(g_tr, y_tr, g_te, y_te, rho, mode, counterfactual, rng, descr
         out.bias_test_cf = _other_bias(bias_test, rng)
         out.X_test_cf = _colorize(g_te, out.bias_test_cf, mode)
     return out
+
+
+def _add_validation_split(out, g_tr, y_tr, validation_size, mode, rng):
+    """Add ``X_val``, ``y_val``, ``bias_val``, ``concept_val`` to ``out``: a ``validation_size``
+    fraction of the training digits recoloured uniformly at random (``rho=0.1``). Drawn after
+    everything else, so the other arrays do not depend on it. ``validation_size`` is checked
+    by the caller."""
+    if validation_size == 0:
+        return out
+    n_val = max(1, int(round(validation_size * len(y_tr))))
+    idx = np.sort(rng.choice(len(y_tr), n_val, replace=False))
+    out.y_val = y_tr[idx]
+    out.bias_val = _draw_bias(out.y_val, 0.1, rng)
+    out.X_val = _colorize(g_tr[idx], out.bias_val, mode)
+    out.concept_val = (out.bias_val == out.y_val).astype(np.int64)
+    out.DESCR += (f" {n_val} training digits recoloured uniformly at random as an unbiased "
+                  "validation split (X_val).")
+    return out

@@ -19,7 +19,8 @@ from sklearn.datasets import load_digits
 from sklearn.utils import Bunch, check_random_state
 
 from .._utils._validation import check_int, check_real
-from ._base import COLORS, _check_rho_mode, _colored_bunch, _stratified_split
+from ._base import (COLORS, _add_validation_split, _check_rho_mode, _colored_bunch,
+                    _stratified_split)
 
 __all__ = ["make_colored_digits", "make_artifact_digits", "ARTIFACTS", "COLORS"]
 
@@ -82,7 +83,7 @@ def _checked_split(image_size, test_size, random_state):
 
 
 def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactual=False,
-                        test_size=0.3, random_state=None):
+                        test_size=0.3, validation_size=0.0, random_state=None):
     """Colored digits: a colour spuriously correlated with the class (Colored/Biased-MNIST).
 
     sklearn's 1,797 bundled digits are upsampled to ``image_size`` pixels and split
@@ -109,6 +110,12 @@ def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactu
         ``X_test_cf``, ``bias_test_cf`` (for the unbiased test split).
     test_size : float in (0, 1), default=0.3
         Fraction of the digits in the test split.
+    validation_size : float in [0, 1), default=0.0
+        Fraction of the *training* digits copied into an unbiased validation
+        split, recoloured uniformly at random: ``X_val``, ``y_val``,
+        ``bias_val``, ``concept_val`` (the digits stay in ``X``; the other
+        arrays do not depend on it). See
+        :func:`~skdebias.datasets.load_biased_mnist`.
     random_state : int, RandomState instance or None, default=None
         Seeds the split and the colours; the same seed gives identical data.
 
@@ -124,7 +131,9 @@ def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactu
           the same test digits coloured with the training ``rho``;
         - ``colors`` (the palette, ``(10, 3)``), ``rho``, ``mode``, ``DESCR``;
         - with ``counterfactual=True`` also ``X_cf``, ``bias_cf``,
-          ``X_test_cf``, ``bias_test_cf``.
+          ``X_test_cf``, ``bias_test_cf``;
+        - with ``validation_size > 0`` also ``X_val``, ``y_val``, ``bias_val``,
+          ``concept_val``.
 
     See Also
     --------
@@ -140,13 +149,15 @@ def make_colored_digits(rho=0.99, mode="background", image_size=28, counterfactu
     (True, True)
     """
     rho = _check_rho_mode(rho, mode)
+    check_real("validation_size", validation_size, low=0, high=1, high_open=True)
     image_size, rng, (g_tr, y_tr, g_te, y_te) = _checked_split(image_size, test_size,
                                                                 random_state)
     descr = (f"Colored digits ({mode} colour): sklearn's bundled digits upsampled to "
              f"{image_size}x{image_size}; {len(y_tr)} train images, colour = class colour "
              f"with probability rho={rho}, otherwise one of the other nine; {len(y_te)} test "
              f"images, unbiased (rho=0.1: X_test) and biased (rho={rho}: X_test_biased).")
-    return _colored_bunch(g_tr, y_tr, g_te, y_te, rho, mode, counterfactual, rng, descr)
+    out = _colored_bunch(g_tr, y_tr, g_te, y_te, rho, mode, counterfactual, rng, descr)
+    return _add_validation_split(out, g_tr, y_tr, validation_size, mode, rng)
 
 
 # ------------------------------------------------------------------ artifact digits

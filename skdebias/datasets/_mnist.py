@@ -12,7 +12,8 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from .._utils._validation import check_real
-from ._base import _check_rho_mode, _colored_bunch, _colorize, _draw_bias, _stratified_split
+from ._base import (_add_validation_split, _check_rho_mode, _colored_bunch, _colorize,
+                    _draw_bias, _stratified_split)
 
 __all__ = ["load_biased_mnist"]
 
@@ -122,8 +123,7 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
     rho = _check_rho_mode(rho, mode)
     test_size = check_real("test_size", test_size, low=0, high=1, low_open=True, high_open=True)
     pretrain_size = check_real("pretrain_size", pretrain_size, low=0, high=1, high_open=True)
-    validation_size = check_real("validation_size", validation_size, low=0, high=1,
-                                 high_open=True)
+    check_real("validation_size", validation_size, low=0, high=1, high_open=True)
     if test_size + pretrain_size >= 1:
         raise ValueError(
             f"test_size + pretrain_size must be below 1 to leave training digits; got "
@@ -148,14 +148,5 @@ def load_biased_mnist(rho=0.99, mode="background", test_size=0.3, counterfactual
         out.bias_pretrain = _draw_bias(y_pre, 0.1, rng)
         out.X_pretrain = _colorize(g_pre, out.bias_pretrain, mode)
         out.y_pretrain = y_pre
-    if validation_size > 0:
-        # drawn after everything else: the other arrays do not depend on validation_size
-        n_val = max(1, int(round(validation_size * len(y_tr))))
-        idx = np.sort(rng.choice(len(y_tr), n_val, replace=False))
-        out.y_val = y_tr[idx]
-        out.bias_val = _draw_bias(out.y_val, 0.1, rng)
-        out.X_val = _colorize(g_tr[idx], out.bias_val, mode)
-        out.concept_val = (out.bias_val == out.y_val).astype(np.int64)
-        out.DESCR += (f" {n_val} training digits recoloured uniformly at random as an unbiased "
-                      "validation split (X_val).")
+    _add_validation_split(out, g_tr, y_tr, validation_size, mode, rng)
     return out
