@@ -112,3 +112,25 @@ def colour_scores(net, data):
         "unbiased_acc": float(np.mean(net.predict(data.X_test) == data.y_test)),
         "cf_bias": counterfactual_bias(net, data.X_test_biased[m], data.X_test[m], data.y_test[m]),
     }
+
+
+def epoch_selection(data, selection, dirname, with_bias=False):
+    """skorch arguments of the epoch selection: the unbiased validation split and a checkpoint
+    of the best validation accuracy, loaded at the end of training (``"valid"``), or none."""
+    from skorch.callbacks import Checkpoint
+    from skorch.dataset import Dataset
+    from skorch.helper import predefined_split
+
+    if selection == "last":
+        return {"train_split": None}
+    X_val = {"X": data.X_val, "bias": data.bias_val} if with_bias else data.X_val
+    return {"train_split": predefined_split(Dataset(X_val, data.y_val)),
+            "callbacks": [Checkpoint(monitor="valid_acc_best", load_best=True, dirname=dirname,
+                                     f_optimizer=None, f_criterion=None, f_history=None)]}
+
+
+def kept_epoch(net):
+    """The epoch kept: the best validation accuracy, or the last one without validation."""
+    if "valid_acc" not in net.history[-1]:
+        return len(net.history)
+    return int(np.argmax(net.history[:, "valid_acc"])) + 1

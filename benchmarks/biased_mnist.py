@@ -43,11 +43,7 @@ import time
 
 import numpy as np
 import torch
-from skorch.callbacks import Checkpoint
-from skorch.dataset import Dataset
-from skorch.helper import predefined_split
-
-from _common import colour_scores, emit, seed_summary, timed
+from _common import colour_scores, emit, epoch_selection, kept_epoch, seed_summary, timed
 
 from skdebias.correction import EnDClassifier, FastModelDebiaser, GroupBalancedClassifier
 from skdebias.datasets import load_biased_mnist
@@ -66,27 +62,9 @@ VALIDATION_SIZE = 0.3  # share of the training digits recoloured into the valida
 SELECTIONS = ("valid", "last")
 
 
-def _selection_kwargs(data, selection, dirname, with_bias=False):
-    """skorch arguments of the epoch selection: the unbiased validation split and a checkpoint
-    of the best validation accuracy, loaded at the end of training (``"valid"``), or none."""
-    if selection == "last":
-        return {"train_split": None}
-    X_val = {"X": data.X_val, "bias": data.bias_val} if with_bias else data.X_val
-    return {"train_split": predefined_split(Dataset(X_val, data.y_val)),
-            "callbacks": [Checkpoint(monitor="valid_acc_best", load_best=True, dirname=dirname,
-                                     f_optimizer=None, f_criterion=None, f_history=None)]}
-
-
 def _train_kwargs(device, selection_kwargs):
     return dict(optimizer=torch.optim.Adam, lr=LR, max_epochs=EPOCHS, batch_size=BATCH,
                 iterator_train__shuffle=True, verbose=0, device=device, **selection_kwargs)
-
-
-def _best_epoch(net):
-    """The epoch kept: the best validation accuracy, or the last one without validation."""
-    if "valid_acc" not in net.history[-1]:
-        return len(net.history)
-    return int(np.argmax(net.history[:, "valid_acc"])) + 1
 
 
 def run_case(rho, seed, mode="background", device="cpu", threads=1, methods=METHODS,
@@ -101,26 +79,26 @@ def run_case(rho, seed, mode="background", device="cpu", threads=1, methods=METH
     rows = []
     with contextlib.ExitStack() as stack:
         def select(with_bias=False):
-            return _selection_kwargs(data, selection, stack.enter_context(
+            return epoch_selection(data, selection, stack.enter_context(
                 tempfile.TemporaryDirectory()), with_bias)
 
         vanilla = make_classifier(module, max_epochs=EPOCHS, lr=LR, batch_size=BATCH,
                                   device=device, random_state=seed, verbose=0, **select())
         vanilla, t_vanilla = timed(lambda: vanilla.fit(data.X, data.y))
         rows.append({"method": "vanilla", **colour_scores(vanilla, data), "time_s": t_vanilla,
-                     "epoch": _best_epoch(vanilla)})
+                     "epoch": kept_epoch(vanilla)})
         if "reweight" in methods:
             torch.manual_seed(seed)
             rw = GroupBalancedClassifier(module, **_train_kwargs(device, select()))
             rw, t = timed(lambda: rw.fit(data.X, data.y, bias=data.bias))
             rows.append({"method": "reweight", **colour_scores(rw, data), "time_s": t,
-                         "epoch": _best_epoch(rw)})
+                         "epoch": kept_epoch(rw)})
         if "EnD" in methods:
             torch.manual_seed(seed)
             end = EnDClassifier(module, **_train_kwargs(device, select(with_bias=True)))
             end, t = timed(lambda: end.fit(data.X, data.y, bias=data.bias))
             rows.append({"method": "EnD", **colour_scores(end, data), "time_s": t,
-                         "epoch": _best_epoch(end)})
+                         "epoch": kept_epoch(end)})
     if "FMD" in methods:
         fmd = FastModelDebiaser(vanilla, device=device, random_state=seed)
         fmd, t = timed(lambda: fmd.fit(data.X, data.y, X_cf=data.X_cf))
