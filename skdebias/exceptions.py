@@ -39,7 +39,8 @@ class UntrainedNetworkWarning(UserWarning):
 
 class ChanceLevelWarning(UserWarning):
     """A network trained by an estimator ends its training no better than always predicting
-    the most frequent class on its training samples.
+    the most frequent class on its training samples (within 0.1), or with less than a quarter
+    of the accuracy above that level that its best epoch had.
 
     Issued at the end of ``fit`` by the classifiers that train a network (``EnDClassifier``,
     ``GroupBalancedClassifier``); the message says which parameters to change (for EnD a

@@ -329,3 +329,38 @@ def test_the_chance_level_check_judges_the_network_the_other_callbacks_leave(bia
     torch.manual_seed(0)
     with pytest.warns(ChanceLevelWarning, match="GroupBalancedClassifier ends its training"):
         forgetful.fit(X, y, bias=bias)
+
+
+class _KeepThreeClasses(Callback):
+    """At the end of training the last layer stops predicting classes 3-9."""
+
+    def on_train_end(self, net, **kwargs):
+        with torch.no_grad():
+            net.module_[-1].bias[3:] = -1e3
+
+
+def test_a_network_that_ends_far_below_its_best_epoch_warns():
+    from skdebias.exceptions import ChanceLevelWarning
+
+    rng = np.random.RandomState(0)
+    y = np.arange(200) % 10
+    X = (3.0 * np.eye(10)[y] + 0.3 * rng.randn(200, 10)).astype(np.float32)
+
+    def net(callbacks=()):
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 10))
+        return DictInputClassifier(module, criterion=nn.CrossEntropyLoss,
+                                   optimizer=torch.optim.Adam, lr=0.05, max_epochs=10,
+                                   train_split=None, verbose=0, callbacks=list(callbacks))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChanceLevelWarning)
+        assert np.mean(net().fit(X, y).predict(X) == y) > 0.95
+    forgetful = net([("keep_three", _KeepThreeClasses())])
+    # 0.3 right at the end: above the chance threshold (0.1 + 0.1), below a quarter of the best
+    # epoch's margin (0.1 + 0.25 * 0.9)
+    with pytest.warns(ChanceLevelWarning, match=r"ends its training predicting 0\.300 of 200 "
+                      r"training samples correctly, less than 0\.25 of what its best epoch "
+                      r"\(epoch \d+: 1\.000\) had"):
+        forgetful.fit(X, y)
+    assert np.mean(forgetful.predict(X) == y) == pytest.approx(0.3)

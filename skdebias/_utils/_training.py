@@ -44,7 +44,8 @@ class DivergenceGuard(Callback):
         network trained from scratch starts there).
     warn_chance_end : str or None, default=None
         What to change (``{net}`` stands for the net) when the network *ends* training within
-        0.1 of always predicting the most frequent class on the same samples: a
+        0.1 of always predicting the most frequent class on the same samples, or has kept less
+        than ``keep`` of the accuracy above that level that its best epoch reached: a
         :class:`~skdebias.exceptions.ChanceLevelWarning` ending with it. ``None``: not checked.
     """
 
@@ -62,6 +63,7 @@ class DivergenceGuard(Callback):
         self.majority_ = 1.0
         self.baseline_ = 0.0
         self.baseline_ok_ = False
+        self.best_ = (0.0, 0)  # (accuracy, epoch) of the best epoch on the probe
         return self
 
     def _accuracy(self, net):
@@ -95,6 +97,7 @@ class DivergenceGuard(Callback):
         self.majority_ = float(torch.bincount(labels).max()) / n if n else 1.0
         self.baseline_ = self._accuracy(net) if n else 0.0
         self.baseline_ok_ = n > 0 and not self._near_chance(self.baseline_)
+        self.best_ = (self.baseline_, 0)
         if n > 0 and not self.baseline_ok_ and self.warn_untrained:
             warnings.warn(
                 f"{self.warn_untrained} predicts {self.baseline_:.3f} of {n} training samples "
@@ -115,14 +118,22 @@ class DivergenceGuard(Callback):
         for name, p in net.module_.named_parameters():
             if not bool(torch.isfinite(p).all()):
                 self._fail(net, f"the weights of {name!r} became non-finite")
+        accuracy = None
         if self.baseline_ok_:
             accuracy = self._accuracy(net)
-            floor = self.majority_ + self.keep * (self.baseline_ - self.majority_)
-            if accuracy < floor:
+            if accuracy < self._floor(self.baseline_):
                 self._fail(net, f"the training accuracy collapsed from {self.baseline_:.3f} to "
                                 f"{accuracy:.3f} (always predicting the most frequent class "
                                 f"gives {self.majority_:.3f})")
+        if self.warn_chance_end and self.probe_ is not None and len(self.probe_.dataset):
+            accuracy = self._accuracy(net) if accuracy is None else accuracy
+            if accuracy > self.best_[0]:
+                self.best_ = (accuracy, len(net.history))
         self.good_state_ = copy.deepcopy(net.module_.state_dict())
+
+    def _floor(self, reference):
+        """The accuracy a run must keep: ``keep`` of ``reference``'s margin above the majority."""
+        return self.majority_ + self.keep * (reference - self.majority_)
 
     def _fail(self, net, what):
         epoch = len(net.history)
@@ -134,14 +145,20 @@ class DivergenceGuard(Callback):
     def on_train_end(self, net, **kwargs):
         if self.warn_chance_end and self.probe_ is not None and len(self.probe_.dataset):
             accuracy = self._accuracy(net)
+            head = (f"{type(net).__name__} ends its training predicting {accuracy:.3f} of "
+                    f"{len(self.probe_.dataset)} training samples correctly")
+            (best, epoch), advice = self.best_, self.warn_chance_end.format(net=net)
             if self._near_chance(accuracy):
                 warnings.warn(
-                    f"{type(net).__name__} ends its training predicting {accuracy:.3f} of "
-                    f"{len(self.probe_.dataset)} training samples correctly, within 0.1 of "
-                    f"always predicting the most frequent class ({self.majority_:.3f}): the "
-                    f"fitted network does not classify these labels; "
-                    f"{self.warn_chance_end.format(net=net)}.",
-                    ChanceLevelWarning, stacklevel=2)
+                    f"{head}, within 0.1 of always predicting the most frequent class "
+                    f"({self.majority_:.3f}): the fitted network does not classify these "
+                    f"labels; {advice}.", ChanceLevelWarning, stacklevel=2)
+            elif not self._near_chance(best) and accuracy < self._floor(best):
+                warnings.warn(
+                    f"{head}, less than {self.keep:g} of what its best epoch (epoch {epoch}: "
+                    f"{best:.3f}) had above always predicting the most frequent class "
+                    f"({self.majority_:.3f}): the fitted network has lost most of what it "
+                    f"learnt; {advice}.", ChanceLevelWarning, stacklevel=2)
         self.good_state_ = self.probe_ = None  # memory, and a net that pickles
 
     def __getstate__(self):
