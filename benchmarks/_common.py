@@ -134,3 +134,13 @@ def kept_epoch(net):
     if "valid_acc" not in net.history[-1]:
         return len(net.history)
     return int(np.argmax(net.history[:, "valid_acc"])) + 1
+
+
+def recording(category, fn):
+    """``fn()`` and whether it issued a warning of ``category``."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category)
+        out = fn()
+    return out, any(issubclass(w.category, category) for w in caught)

@@ -11,6 +11,7 @@ Columns (mean ± std over the seeds):
 - ``unbiased_acc``: test digits with uniformly random colours (``X_test``), the paper's metric;
 - ``paper``: the paper's unbiased accuracy for vanilla and EnD (its Table 1), ``-`` otherwise;
 - ``cf_bias``: ``mean |p_y(x) - p_y(x_cf)|`` over biased test digits shown in another colour;
+- ``warned``: runs whose training ended with a ``ChanceLevelWarning``;
 - ``time_s``: wall time of the method (FMD: its own fit on the vanilla network).
 
 Configuration (every trained model): SmallCNN (width 16, hidden 64; ``--arch`` picks another
@@ -43,10 +44,12 @@ import time
 
 import numpy as np
 import torch
-from _common import colour_scores, emit, epoch_selection, kept_epoch, seed_summary, timed
+from _common import (colour_scores, emit, epoch_selection, kept_epoch, recording,
+                     seed_summary, timed)
 
 from skdebias.correction import EnDClassifier, FastModelDebiaser, GroupBalancedClassifier
 from skdebias.datasets import load_biased_mnist
+from skdebias.exceptions import ChanceLevelWarning
 from skdebias.models import ZOO, make_classifier
 
 EPOCHS = 15
@@ -84,21 +87,24 @@ def run_case(rho, seed, mode="background", device="cpu", threads=1, methods=METH
 
         vanilla = make_classifier(module, max_epochs=EPOCHS, lr=LR, batch_size=BATCH,
                                   device=device, random_state=seed, verbose=0, **select())
-        vanilla, t_vanilla = timed(lambda: vanilla.fit(data.X, data.y))
+        (vanilla, warned), t_vanilla = timed(
+            lambda: recording(ChanceLevelWarning, lambda: vanilla.fit(data.X, data.y)))
         rows.append({"method": "vanilla", **colour_scores(vanilla, data), "time_s": t_vanilla,
-                     "epoch": kept_epoch(vanilla)})
+                     "epoch": kept_epoch(vanilla), "warned": warned})
         if "reweight" in methods:
             torch.manual_seed(seed)
             rw = GroupBalancedClassifier(module, **_train_kwargs(device, select()))
-            rw, t = timed(lambda: rw.fit(data.X, data.y, bias=data.bias))
+            (rw, warned), t = timed(lambda: recording(
+                ChanceLevelWarning, lambda: rw.fit(data.X, data.y, bias=data.bias)))
             rows.append({"method": "reweight", **colour_scores(rw, data), "time_s": t,
-                         "epoch": kept_epoch(rw)})
+                         "epoch": kept_epoch(rw), "warned": warned})
         if "EnD" in methods:
             torch.manual_seed(seed)
             end = EnDClassifier(module, **_train_kwargs(device, select(with_bias=True)))
-            end, t = timed(lambda: end.fit(data.X, data.y, bias=data.bias))
+            (end, warned), t = timed(lambda: recording(
+                ChanceLevelWarning, lambda: end.fit(data.X, data.y, bias=data.bias)))
             rows.append({"method": "EnD", **colour_scores(end, data), "time_s": t,
-                         "epoch": kept_epoch(end)})
+                         "epoch": kept_epoch(end), "warned": warned})
     if "FMD" in methods:
         fmd = FastModelDebiaser(vanilla, device=device, random_state=seed)
         fmd, t = timed(lambda: fmd.fit(data.X, data.y, X_cf=data.X_cf))
@@ -117,6 +123,8 @@ def summarise(per_seed, rhos):
         row["time_s"] = f"{np.mean([r['time_s'] for r in rs]):.1f}"
         epochs = [r["epoch"] for r in rs if "epoch" in r]
         row["epoch"] = f"{np.mean(epochs):.1f}" if epochs else "-"
+        warned = sum(bool(r.get("warned")) for r in rs)
+        row["warned"] = f"{warned} of {len(rs)}" if warned else ""
     return table
 
 
@@ -189,7 +197,7 @@ def main(argv=None):
                f"unbiased accuracy on 60,000 digits ({EPOCHS} epochs, epoch selection "
                f"{args.selection!r}, total {total:.0f} s)",
          columns=["rho", "method", "biased_acc", "unbiased_acc", "paper", "cf_bias", "epoch",
-                  "time_s"],
+                  "warned", "time_s"],
          extra={"per_seed": per_seed, "acceptance": checks, "total_seconds": total,
                 "paper": {m: {str(k): v for k, v in d.items()} for m, d in PAPER.items()},
                 "train_size": TRAIN_SIZE, "paper_train_size": PAPER_TRAIN_SIZE,
