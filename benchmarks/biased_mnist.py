@@ -85,26 +85,25 @@ def run_case(rho, seed, mode="background", device="cpu", threads=1, methods=METH
             return epoch_selection(data, selection, stack.enter_context(
                 tempfile.TemporaryDirectory()), with_bias)
 
-        vanilla = make_classifier(module, max_epochs=EPOCHS, lr=LR, batch_size=BATCH,
-                                  device=device, random_state=seed, verbose=0, **select())
-        (vanilla, warned), t_vanilla = timed(
-            lambda: recording(ChanceLevelWarning, lambda: vanilla.fit(data.X, data.y)))
-        rows.append({"method": "vanilla", **colour_scores(vanilla, data), "time_s": t_vanilla,
-                     "epoch": kept_epoch(vanilla), "warned": warned})
+        def train(method, net, **fit_kw):
+            """Fit ``net`` and add its row: scores, time, the epoch kept, whether it warned."""
+            (net, warned), t = timed(lambda: recording(
+                ChanceLevelWarning, lambda: net.fit(data.X, data.y, **fit_kw)))
+            rows.append({"method": method, **colour_scores(net, data), "time_s": t,
+                         "epoch": kept_epoch(net), "warned": warned})
+            return net
+
+        vanilla = train("vanilla", make_classifier(
+            module, max_epochs=EPOCHS, lr=LR, batch_size=BATCH, device=device,
+            random_state=seed, verbose=0, **select()))
         if "reweight" in methods:
             torch.manual_seed(seed)
-            rw = GroupBalancedClassifier(module, **_train_kwargs(device, select()))
-            (rw, warned), t = timed(lambda: recording(
-                ChanceLevelWarning, lambda: rw.fit(data.X, data.y, bias=data.bias)))
-            rows.append({"method": "reweight", **colour_scores(rw, data), "time_s": t,
-                         "epoch": kept_epoch(rw), "warned": warned})
+            train("reweight", GroupBalancedClassifier(module, **_train_kwargs(device, select())),
+                  bias=data.bias)
         if "EnD" in methods:
             torch.manual_seed(seed)
-            end = EnDClassifier(module, **_train_kwargs(device, select(with_bias=True)))
-            (end, warned), t = timed(lambda: recording(
-                ChanceLevelWarning, lambda: end.fit(data.X, data.y, bias=data.bias)))
-            rows.append({"method": "EnD", **colour_scores(end, data), "time_s": t,
-                         "epoch": kept_epoch(end), "warned": warned})
+            train("EnD", EnDClassifier(module, **_train_kwargs(device, select(with_bias=True))),
+                  bias=data.bias)
     if "FMD" in methods:
         fmd = FastModelDebiaser(vanilla, device=device, random_state=seed)
         fmd, t = timed(lambda: fmd.fit(data.X, data.y, X_cf=data.X_cf))

