@@ -56,8 +56,11 @@ def main(argv=None):
     in_class = data.y == 0
     cavs = {d: CAVEstimator().fit(a[in_class], data.concept[in_class]).cav_ for d, a in acts.items()}
     diff = float(np.abs(acts["cpu"] - acts["cuda"]).max())
+    # float32 convolutions on CUDA follow torch.backends.cudnn.allow_tf32 (on by default)
+    rel = diff / float(np.abs(acts["cpu"]).max())
     cos = float(cavs["cpu"] @ cavs["cuda"])
     rows.append({"step": "extraction max |cpu - cuda|", "device": "-", "value": diff})
+    rows.append({"step": "extraction max |cpu - cuda| / max |cpu|", "device": "-", "value": rel})
     rows.append({"step": "pattern CAV cos(cpu, cuda)", "device": "-", "value": cos})
     for device in ("cpu", "cuda"):
         corr = GradientPenaltyCorrector(net, layer="features.6", penalty=10.0, max_epochs=1,
@@ -79,8 +82,9 @@ def main(argv=None):
                          "value": t["RR-ClArC"] / t["plain CE"],
                          "plain CE ms": 1000 * t["plain CE"], "RR-ClArC ms": 1000 * t["RR-ClArC"]})
     emit("cuda_check", rows, f"CUDA path check on {torch.cuda.get_device_name(0)}",
-         extra={"max_abs_diff": diff, "cav_cos": cos})
-    assert diff < 1e-3 and cos > 0.999, "CPU and CUDA disagree"
+         extra={"max_abs_diff": diff, "max_relative_diff": rel, "cav_cos": cos,
+                "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32})
+    assert rel < 5e-3 and cos > 0.999, "CPU and CUDA disagree"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@
 Run: .venv/bin/python benchmarks/image_scale.py [--quick] [--device cuda]
                                                 [--precisions float32 bfloat16 float16]
                                                 [--only scale fmd spray tcav]
---quick: 64 px, small sets (a smoke run). On the CPU the batch is 8; on CUDA 32.
+--quick: 64 px, small sets (a smoke run). On the CPU the batch is 8; on CUDA 128 (--batch).
 """
 
 from __future__ import annotations
@@ -148,8 +148,12 @@ def scale_row(module, name, layer, X, y, batches, batch, px, precision, device, 
                               precision=precision).fit(X[:2])
     a = ext.transform(X)
     b = raw_forward(module, layer, batches, precision, device)
-    tol = 1e-4 if precision == "float32" else 5e-2
-    assert np.allclose(a, b, rtol=tol, atol=tol), f"{name}: extractor disagrees"
+    # the extractor runs image batches in channels_last, the hand-made pass in the batch's own
+    # layout: other kernels, other float rounding over some fifty layers (on CUDA, float32
+    # convolutions may run in TF32, torch's default, in one layout and not the other)
+    deviation = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+    tol = 5e-3 if precision == "float32" else 5e-2
+    assert deviation <= tol, f"{name}: extractor disagrees (max deviation {deviation:.2g})"
     sync = sync_for(device)
     t = interleaved({"raw": lambda: (raw_forward(module, layer, batches, precision,
                                                  device), sync()),
@@ -162,7 +166,8 @@ def scale_row(module, name, layer, X, y, batches, batch, px, precision, device, 
            "extractor_img_s": len(X) / t["extractor"], "raw_img_s": len(X) / t["raw"],
            "extraction_ratio": t["raw"] / t["extractor"],
            "ce_step_ms": 1000 * s["plain CE"], "rr_step_ms": 1000 * s["RR-ClArC"],
-           "rr_ce_ratio": s["RR-ClArC"] / s["plain CE"], "repeats": repeats}
+           "rr_ce_ratio": s["RR-ClArC"] / s["plain CE"], "repeats": repeats,
+           "max_deviation": deviation}
     del steps
     return row
 
@@ -410,6 +415,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size of the scale rows (default: 8 on the CPU, 128 on CUDA)")
     parser.add_argument("--fmd-case", help=argparse.SUPPRESS)
     parser.add_argument("--spray-case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -423,7 +430,7 @@ def main(argv=None):
         torch.set_num_threads(min(2, torch.get_num_threads()))
     precisions = args.precisions or (["float32", "bfloat16", "float16"] if cuda else ["float32"])
     px = 64 if args.quick else 224
-    batch = 32 if cuda else 8
+    batch = args.batch or (128 if cuda else 8)
     repeats = args.repeats or (3 if args.quick else 5)
     payload = {"quick": args.quick, "device_info": device_info(device),
                "environment": environment(), "only": args.only}
@@ -445,7 +452,7 @@ def main(argv=None):
             payload["rows"] = rows
             save_partial()
 
-        payload["rows"] = scale_rows(args.models, px, batch, 8 if cuda else 2, precisions,
+        payload["rows"] = scale_rows(args.models, px, batch, 4 if cuda else 2, precisions,
                                      device, repeats, on_row=on_row)
         payload["checks"] = {
             "extraction_ratio_at_least_0.9": all(r.get("extraction_ratio", 0) >= 0.9

@@ -108,3 +108,16 @@ def make_end(**kw):
                   train_split=None, verbose=0, device="cpu")
     params.update(kw)
     return EnDClassifier(**params)
+
+
+class ViewNet(nn.Module):
+    """Calls ``.view`` on a convolution output: fails on channels_last activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(h.view(h.shape[0], -1))

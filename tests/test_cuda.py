@@ -59,3 +59,50 @@ def test_corrector_cuda_matches_cpu(kind):
     assert next(net.parameters()).device.type == "cpu"
     np.testing.assert_allclose(gpu.cav_, cpu.cav_, atol=1e-3)
     np.testing.assert_allclose(gpu.predict_proba(X), cpu.predict_proba(X), atol=2e-3)
+
+
+def _assert_tf32_close(gpu, cpu):
+    # float32 convolutions on CUDA follow torch.backends.cudnn.allow_tf32 (on by default):
+    # 10-bit mantissas, so differences up to a few 1e-3 of the activations' range
+    assert np.abs(gpu - cpu).max() <= 5e-3 * np.abs(cpu).max()
+
+
+@pytest.mark.parametrize("pooling", ["max", None])
+def test_extraction_cuda_batches_come_back_in_order(pooling):
+    # several batches, the last one partial: each batch's activations, copied back while the
+    # next batch runs, arrive in order and equal the CPU's
+    torch.manual_seed(0)
+    net = SmallCNN()
+    X = np.random.RandomState(1).rand(70, 3, 28, 28).astype(np.float32)
+    cpu = ActivationExtractor(net, "features.3", pooling=pooling, batch_size=16,
+                              device="cpu").fit_transform(X)
+    ext = ActivationExtractor(net, "features.3", pooling=pooling, batch_size=16,
+                              device="cuda").fit(X)
+    parts = list(ext.iter_activations(X))
+    assert [len(p) for p in parts] == [16, 16, 16, 16, 6]
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in parts)
+    _assert_tf32_close(torch.cat(parts).numpy(), cpu)
+    _assert_tf32_close(ext.transform(X), cpu)
+
+
+def test_extraction_cuda_bfloat16_keeps_the_pattern_cav():
+    X, _, c = _artifact_problem()
+    torch.manual_seed(0)
+    net = SmallCNN()
+    full = ActivationExtractor(net, "features.6", device="cpu").fit_transform(X)
+    half = ActivationExtractor(net, "features.6", device="cuda",
+                               precision="bfloat16").fit_transform(X)
+    a, b = CAVEstimator().fit(full, c).cav_, CAVEstimator().fit(half, c).cav_
+    assert float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.999
+
+
+def test_extraction_cuda_network_that_cannot_take_channels_last():
+    # a .view on a convolution output: the batches run in their own layout instead
+    from _nets import ViewNet
+
+    torch.manual_seed(0)
+    net = ViewNet()
+    X = np.random.RandomState(2).rand(20, 3, 8, 8).astype(np.float32)
+    cpu = ActivationExtractor(net, "head", batch_size=8, device="cpu").fit_transform(X)
+    gpu = ActivationExtractor(net, "head", batch_size=8, device="cuda").fit_transform(X)
+    _assert_tf32_close(gpu, cpu)

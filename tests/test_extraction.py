@@ -10,8 +10,9 @@ from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from torch import nn
 
-from _nets import inplace_net
+from _nets import ViewNet, inplace_net
 from skdebias import ActivationExtractor, CAVEstimator
+from skdebias.extraction import pool_activations
 from skdebias._utils._modules import find_layer
 from skdebias.models import SmallCNN, make_classifier, torchvision_model
 from skdebias.report import peak_memory_growth
@@ -292,3 +293,22 @@ def test_extraction_memory_is_bounded_by_the_batch(tmp_path):
 def test_extraction_memory_of_a_large_memmap(tmp_path):
     # the size of the acceptance check: 1.2 GB of uint8 images, growth under 300 MB
     _memory_check(tmp_path, int(1.2 * 2**30), 300 * 2**20)
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean", "flatten", None])
+def test_transform_same_in_either_memory_layout(pooling):
+    # batches run in channels_last; the activations equal a hand-made NCHW forward, also
+    # for a network that calls .view on a convolution output (run in its own layout)
+    torch.manual_seed(0)
+    X = np.random.RandomState(0).rand(10, 3, 8, 8).astype(np.float32)
+    for net, layer in ((SmallCNN(), "features.3"), (ViewNet(), "head")):
+        net.eval()
+        seen = []
+        hook = net.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+        with torch.no_grad():
+            net(torch.as_tensor(X))
+        hook.remove()
+        expected = pool_activations(seen[0], pooling).numpy()
+        got = ActivationExtractor(net, layer, pooling=pooling, batch_size=4).fit_transform(X)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert got.flags.c_contiguous

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from _nets import ViewNet
 from skdebias._utils._hooks import (
+    ChannelsLast,
     capture_output,
     check_network_input,
     layer_inputs,
@@ -145,20 +147,7 @@ def test_layer_inputs_flattens_and_checks_the_output():
 
 
 # ------------------------------------------------------------------ layer_inputs memory layout
-class _ViewNet(nn.Module):
-    """Calls ``.view`` on a convolution output: fails on channels_last activations."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 8 * 8, 5)
-
-    def forward(self, x):
-        h = self.conv(x)
-        return self.head(h.view(h.shape[0], -1))
-
-
-@pytest.mark.parametrize("make", [SmallCNN, _ViewNet])
+@pytest.mark.parametrize("make", [SmallCNN, ViewNet])
 def test_layer_inputs_same_features_in_either_layout(make):
     torch.manual_seed(0)
     net = make().eval()
@@ -175,3 +164,31 @@ def test_layer_inputs_same_features_in_either_layout(make):
     np.testing.assert_allclose(feats.numpy(), seen[0].numpy(), rtol=1e-5, atol=1e-6)
     # the module itself is left in its own layout
     assert all(p.is_contiguous() for p in net.parameters())
+
+
+def test_channels_last_falls_back_once_then_raises_later_errors():
+    layout = ChannelsLast()
+    calls = []
+
+    def forward(xb):
+        calls.append(xb.is_contiguous())
+        if not xb.is_contiguous():  # a network that cannot take channels_last
+            raise RuntimeError("view size is not compatible")
+        return xb.sum()
+
+    x = torch.ones(2, 3, 4, 4)
+    assert layout(forward, x) == 96 and calls == [False, True] and layout.works is False
+    assert layout(forward, x) == 96 and calls == [False, True, True]  # no second try
+    # 2-D inputs pass through untouched
+    ok = ChannelsLast()
+    assert ok(lambda xb: xb.is_contiguous(), torch.ones(2, 3)) is True and ok.works is None
+
+    works = ChannelsLast()
+    assert works(lambda xb: xb.is_contiguous(memory_format=torch.channels_last), x)
+    assert works.works is True
+
+    def broken(xb):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # once the layout worked: raised
+        works(broken, x)
