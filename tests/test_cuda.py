@@ -106,3 +106,18 @@ def test_extraction_cuda_network_that_cannot_take_channels_last():
     cpu = ActivationExtractor(net, "head", batch_size=8, device="cpu").fit_transform(X)
     gpu = ActivationExtractor(net, "head", batch_size=8, device="cuda").fit_transform(X)
     _assert_tf32_close(gpu, cpu)
+
+
+def test_extraction_cuda_uint8_images_converted_on_the_gpu():
+    # uint8 batches travel as uint8 and are scaled on the GPU: the same activations as the
+    # float32 images in [0, 1]
+    torch.manual_seed(0)
+    net = SmallCNN()
+    X8 = np.random.RandomState(3).randint(0, 256, (40, 3, 28, 28)).astype(np.uint8)
+    ext = ActivationExtractor(net, "features.6", batch_size=16, device="cuda")
+    with pytest.warns(UserWarning, match="uint8"):
+        ext.fit(X8)
+    from_bytes = ext.transform(X8)
+    # (x / 255 may round differently on the GPU in the last bit)
+    np.testing.assert_allclose(from_bytes, ext.transform(X8.astype(np.float32) / 255),
+                               rtol=1e-5, atol=1e-6)

@@ -275,3 +275,26 @@ def test_iter_batches_converts_memmaps_per_batch(tmp_path):
     got = list(iter_batches(mm, batch_size=8))
     assert all(b.dtype == torch.float32 for b in got)
     np.testing.assert_allclose(torch.cat(got).numpy(), X / np.float32(255), rtol=1e-6)
+
+
+@pytest.mark.parametrize("source, sent_first", [(np.uint8, True), (np.float16, True),
+                                                (np.float32, False), (np.float64, False)])
+def test_to_float_moves_narrow_data_before_converting(monkeypatch, source, sent_first):
+    # bound for a device, data narrower than float32 (uint8 images: a quarter of the bytes)
+    # travels as it is and is converted there; wider data is converted first
+    from skdebias._utils import _data
+
+    sent = []
+    real = _data._send
+    monkeypatch.setattr(_data, "_send", lambda x, device: sent.append(x.dtype) or real(x, device))
+    raw = (np.arange(2 * 3 * 4 * 4) % 256).reshape(2, 3, 4, 4).astype(source)
+    got = _data.to_float(raw, 3, device="cpu")
+    expected = torch.as_tensor(raw.astype(np.float32)) / (255 if source == np.uint8 else 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.dtype == torch.float32
+    assert sent[0] == (torch.from_numpy(raw).dtype if sent_first else torch.float32)
+    # the batches of iter_batches go the same way
+    sent.clear()
+    batches = list(iter_batches(np.concatenate([raw] * 3), batch_size=4, device="cpu"))
+    assert [b.shape[0] for b in batches] == [4, 2]
+    assert sent and all(d == sent[0] for d in sent)

@@ -53,12 +53,15 @@ def _is_image_bytes(x, sample_ndim):
     return (dtype == torch.uint8 or dtype == np.uint8) and sample_ndim >= 2
 
 
-def to_float(x, sample_ndim, dtype=torch.float32):
+def to_float(x, sample_ndim, dtype=torch.float32, device=None):
     """A batch (or one sample) of ``X`` as a float tensor, converted here and not before.
 
     Any stride (``X[..., ::-1]``), byte order or numeric dtype is accepted; uint8
     images (two or more axes per sample) are scaled from 0..255 to [0, 1]. With
-    ``dtype=None`` the values keep their dtype (no scaling).
+    ``dtype=None`` the values keep their dtype (no scaling). With ``device``, the
+    batch is moved there (through pinned memory, without blocking, for CUDA):
+    data narrower than ``dtype`` (uint8 images: a quarter of the bytes) is moved
+    first and converted on the device, the rest converted first.
     """
     if dtype is None:
         return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(x))
@@ -73,8 +76,22 @@ def to_float(x, sample_ndim, dtype=torch.float32):
         else:
             x = np.array(x, dtype=native, order="C")
         x = torch.from_numpy(x)
-    x = x.to(dtype)
+    if device is None:
+        x = x.to(dtype)
+    elif x.element_size() < dtype.itemsize:
+        x = _send(x, device).to(dtype)
+    else:
+        x = _send(x.to(dtype), device)
     return x / 255 if scale else x
+
+
+def _send(x, device):
+    """``x`` on ``device``; a CPU batch bound for CUDA goes through pinned memory, without
+    blocking (the copy is ordered before the work queued after it on the device)."""
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device=device, non_blocking=on_cuda)
 
 
 def _data_ptr(x):
@@ -173,10 +190,7 @@ def iter_batches(X, batch_size: int = 128, y=None, device=None, dtype=torch.floa
         else:
             raw = X[torch.as_tensor(idx, device=X.device) if isinstance(X, torch.Tensor)
                     else idx] if indices is not None else X[start:start + batch_size]
-            xb = to_float(raw, np.ndim(raw) - 1, dtype)
-            if on_cuda and xb.device.type == "cpu":
-                xb = xb.pin_memory()
-            moved = xb.to(device=device, non_blocking=on_cuda)
+            moved = to_float(raw, np.ndim(raw) - 1, dtype, device=device)
             if indices is None and moved.data_ptr() == _data_ptr(raw):
                 # a view of the caller's X: an in-place first layer must not write into it
                 moved = moved.clone()
