@@ -339,7 +339,10 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
     max_accuracy_drop : float in [0, 1] or None, default=0.02
         Accuracy guard: a step whose in-distribution accuracy (on the factual
         images of the held-out pairs) is more than this below the original
-        network's (0.02 = 2 points) is rejected. ``None``: no guard.
+        network's (0.02 = 2 points) is rejected. ``None``: no guard. With the
+        defaults the held-out pairs are 100 images, one image a point: on new
+        data the accuracy can fall by more (more pairs or a larger
+        ``validation_fraction`` make the guard finer).
     refresh_hessian : bool, default=True
         Rebuild the Hessian at the current parameters before every step (exact
         Newton steps). ``False`` keeps the Hessian of the original layer (one
