@@ -94,10 +94,11 @@ class ChannelsLast:
     SmallCNN over FMD's 1,000 pair images takes about half the time, resnet18 at
     64 px in batches of 8 takes longer. Outputs are the same up to float
     rounding (on CUDA, float32 convolutions may then run in TF32, torch's
-    default ``torch.backends.cudnn.allow_tf32``). The network itself is not touched. One that
-    cannot take the layout (e.g. ``.view`` on a convolution output) fails on the
-    first batch, which is then run, like every later one, in the batch's own
-    layout; an error on a later batch, once the layout has worked, is raised.
+    default ``torch.backends.cudnn.allow_tf32``). The network itself is not
+    touched. One that cannot take the layout (e.g. ``.view`` on a convolution
+    output) fails on the first batch, which is then run, like every later one,
+    in the batch's own layout; an error on a later batch, once the layout has
+    worked, is raised.
 
     ``layout(forward, xb)`` returns ``forward(xb)``, ``xb`` converted when it is 4-D.
     """
