@@ -91,7 +91,7 @@ def raw_forward(module, layer, batches, precision, device):
     try:
         with torch.no_grad(), autocast(precision, device):
             for xb in batches:
-                module(xb)
+                module(xb.float() / 255 if xb.dtype == torch.uint8 else xb)
     finally:
         handle.remove()
     return torch.cat(store).numpy()
@@ -143,7 +143,8 @@ def rr_and_ce_steps(module, layer, X, y, precision, device):
 
 
 def scale_row(module, name, layer, X, y, batches, batch, px, precision, device, repeats):
-    """One row of (a): both ratios for one network at one precision."""
+    """One row of (a): both ratios for one network at one precision (for uint8 images ``X``,
+    extraction only: the training steps do not depend on how the images are stored)."""
     ext = ActivationExtractor(module, layer, batch_size=batch, device=str(device),
                               precision=precision).fit(X[:2])
     a = ext.transform(X)
@@ -159,20 +160,26 @@ def scale_row(module, name, layer, X, y, batches, batch, px, precision, device, 
                                                  device), sync()),
                      "extractor": lambda: (ext.transform(X), sync())},
                     repeats=repeats)
-    steps = rr_and_ce_steps(module, layer, X[:batch], y[:batch], precision, device)
-    s = interleaved(steps, repeats=repeats)
     row = {"model": name, "px": px, "precision": precision, "device": str(device),
+           "input": str(X.dtype).replace("torch.", ""),
            "card": device_info(device)["card"], "layer": layer, "batch": batch, "n": len(X),
            "extractor_img_s": len(X) / t["extractor"], "raw_img_s": len(X) / t["raw"],
-           "extraction_ratio": t["raw"] / t["extractor"],
-           "ce_step_ms": 1000 * s["plain CE"], "rr_step_ms": 1000 * s["RR-ClArC"],
-           "rr_ce_ratio": s["RR-ClArC"] / s["plain CE"], "repeats": repeats,
+           "extraction_ratio": t["raw"] / t["extractor"], "repeats": repeats,
            "max_deviation": deviation}
-    del steps
+    if X.dtype != torch.uint8:
+        steps = rr_and_ce_steps(module, layer, X[:batch], y[:batch], precision, device)
+        s = interleaved(steps, repeats=repeats)
+        row.update({"ce_step_ms": 1000 * s["plain CE"], "rr_step_ms": 1000 * s["RR-ClArC"],
+                    "rr_ce_ratio": s["RR-ClArC"] / s["plain CE"]})
+        del steps
     return row
 
 
-def scale_rows(models, px, batch, n_batches, precisions, device, repeats, on_row=None):
+def scale_rows(models, px, batch, n_batches, precisions, device, repeats, on_row=None,
+               inputs=("float32",)):
+    """Rows of (a) for every model, input type (float32 images in [0, 1], or the same as
+    uint8 0..255, which the extractor sends as they are and scales on the device) and
+    precision."""
     rows = []
     for name in models:
         layer = LAYERS[name]
@@ -180,17 +187,21 @@ def scale_rows(models, px, batch, n_batches, precisions, device, repeats, on_row
         module = torchvision_model(name, weights=None).to(device).eval()
         X = torch.rand(batch * n_batches, 3, px, px)
         y = torch.randint(0, 10, (len(X),))
-        batches = [X[i:i + batch].to(device) for i in range(0, len(X), batch)]
-        for precision in precisions:
-            try:
-                rows.append(scale_row(module, name, layer, X, y, batches, batch, px, precision,
-                                      device, repeats))
-            except Exception as exc:  # noqa: BLE001 - recorded, the other rows still run
-                rows.append({"model": name, "px": px, "precision": precision,
-                             "device": str(device), "error": repr(exc)[:500]})
-            print(format_table([rows[-1]], floatfmt=".3f"), flush=True)
-            if on_row is not None:
-                on_row(rows)
+        for kind, Xk in (("float32", X), ("uint8", (X * 255).round().to(torch.uint8))):
+            if kind not in inputs:
+                continue
+            batches = [Xk[i:i + batch].to(device) for i in range(0, len(Xk), batch)]
+            for precision in precisions:
+                try:
+                    rows.append(scale_row(module, name, layer, Xk, y, batches, batch, px,
+                                          precision, device, repeats))
+                except Exception as exc:  # noqa: BLE001 - recorded, the other rows still run
+                    rows.append({"model": name, "px": px, "precision": precision,
+                                 "device": str(device), "input": kind,
+                                 "error": repr(exc)[:500]})
+                print(format_table([rows[-1]], floatfmt=".3f"), flush=True)
+                if on_row is not None:
+                    on_row(rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -396,7 +407,7 @@ def merge_with_earlier(rows, payload, run_key):
         pass
 
     def key(r):
-        return r["model"], r["px"], r["precision"], r["device"]
+        return r["model"], r["px"], r["precision"], r["device"], r.get("input", "float32")
 
     new = {key(r) for r in rows}
     merged = [r for r in old_rows if key(r) not in new] + rows
@@ -415,6 +426,9 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--inputs", nargs="+", choices=["float32", "uint8"], default=None,
+                        help="image storage of the scale rows (default: float32 on the CPU, "
+                             "both on CUDA)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size of the scale rows (default: 8 on the CPU, 128 on CUDA)")
     parser.add_argument("--fmd-case", help=argparse.SUPPRESS)
@@ -452,18 +466,23 @@ def main(argv=None):
             payload["rows"] = rows
             save_partial()
 
+        inputs = args.inputs or (["float32", "uint8"] if cuda else ["float32"])
         payload["rows"] = scale_rows(args.models, px, batch, 4 if cuda else 2, precisions,
-                                     device, repeats, on_row=on_row)
+                                     device, repeats, on_row=on_row, inputs=inputs)
         payload["checks"] = {
             "extraction_ratio_at_least_0.9": all(r.get("extraction_ratio", 0) >= 0.9
                                                  for r in payload["rows"]),
             "rr_ce_ratio_at_most_2.5": all(r.get("rr_ce_ratio", 99) <= 2.5
-                                           for r in payload["rows"])}
-        fast = {r["precision"]: r["extractor_img_s"] for r in payload["rows"]
-                if r["model"] == "resnet50" and "error" not in r}
-        if "float32" in fast and "bfloat16" in fast:
-            payload["checks"]["resnet50_bfloat16_over_float32_throughput"] = \
-                fast["bfloat16"] / fast["float32"]
+                                           for r in payload["rows"]
+                                           if r.get("input", "float32") == "float32")}
+        for kind in inputs:
+            fast = {r["precision"]: r["extractor_img_s"] for r in payload["rows"]
+                    if r["model"] == "resnet50" and "error" not in r
+                    and r.get("input", "float32") == kind}
+            if "float32" in fast and "bfloat16" in fast:
+                suffix = "" if kind == "float32" else f"_{kind}_input"
+                payload["checks"][f"resnet50_bfloat16_over_float32_throughput{suffix}"] = \
+                    fast["bfloat16"] / fast["float32"]
         save_partial()
     if "fmd" in args.only:
         payload["fmd"], payload["fmd_checks"] = fmd_rows(args.quick)
@@ -493,7 +512,8 @@ def main(argv=None):
     rows, runs = merge_with_earlier(payload.pop("rows", []), payload, run_key)
     emit("image_scale", rows, "Image scale, every device and size run so far "
          "(extraction_ratio >= 0.9, rr_ce_ratio <= 2.5)",
-         columns=["model", "px", "precision", "device", "batch", "extractor_img_s", "raw_img_s",
+         columns=["model", "px", "precision", "device", "input", "batch", "extractor_img_s",
+                  "raw_img_s",
                   "extraction_ratio", "ce_step_ms", "rr_step_ms", "rr_ce_ratio"],
          extra={"runs": runs})
     for key in ("checks", "fmd_checks"):
