@@ -31,7 +31,7 @@ import warnings
 
 import numpy as np
 import torch
-from _common import emit
+from _common import emit, format_table
 from torch import nn
 
 from skdebias import ActivationExtractor, GradientPenaltyCorrector, setup_workers
@@ -196,9 +196,14 @@ def main(argv=None):
         n_ext, n_search, epochs, mem = 1024, 400, 1, 200 * 2**20
     else:
         n_ext, n_search, epochs, mem = 8192, 1257, 20, int(1.2 * 2**30)
-    rows = extraction_rows(n_ext, args.device, workers)
-    rows += search_rows(n_search, epochs, args.device, workers)
-    rows += memory_rows(mem, args.device)
+    rows = []
+    for part in (lambda: extraction_rows(n_ext, args.device, workers),
+                 lambda: search_rows(n_search, epochs, args.device, workers),
+                 lambda: memory_rows(mem, args.device)):
+        done = part()
+        rows += done
+        # each part as it ends, so that a run stopped by a time limit still shows what it did
+        print(format_table(done, floatfmt=".3g"), flush=True)
     note = ("torch runs with 1 intra-op thread in this process and in every Dask worker "
             "(LocalCluster, processes, 1 thread each), for a fair 1- vs 2-process comparison; "
             f"{os.cpu_count()} CPU cores; GPUs: {n_gpus}")
