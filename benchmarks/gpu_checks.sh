@@ -7,8 +7,8 @@
 #
 # Each step has its own time limit (600 s in all), so one that hangs does not cost the others;
 # the JSON results and a log per step are copied to OUTPUT_DIR (default: benchmarks/results/gpu).
-# Run from the repository root with the package importable (the venv of `make test`, or PYTHON=python3 with
-# skdebias on PYTHONPATH). Exits 0 when every step passed, 1 otherwise; the summary says which.
+# Run from the repository root with the package importable (the venv of `make test`, or
+# PYTHON=python3 with skdebias on PYTHONPATH). Exits 0 when every step passed, 1 otherwise; the summary says which.
 set -u
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT_DIR=${1:-benchmarks/results/gpu}

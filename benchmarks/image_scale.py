@@ -513,8 +513,7 @@ def main(argv=None):
     emit("image_scale", rows, "Image scale, every device and size run so far "
          "(extraction_ratio >= 0.9, rr_ce_ratio <= 2.5)",
          columns=["model", "px", "precision", "device", "input", "batch", "extractor_img_s",
-                  "raw_img_s",
-                  "extraction_ratio", "ce_step_ms", "rr_step_ms", "rr_ce_ratio"],
+                  "raw_img_s", "extraction_ratio", "ce_step_ms", "rr_step_ms", "rr_ce_ratio"],
          extra={"runs": runs})
     for key in ("checks", "fmd_checks"):
         for check, ok in payload.get(key, {}).items():

@@ -248,18 +248,18 @@ IterableDataset or dask array
         # batch's own layout is kept there), and each batch's activations are copied back
         # while the next batch is read and sent: the copy is waited for one batch later
         layout = ChannelsLast() if self.device_.type == "cuda" else None
-        pending = None
+        pending = None  # (activations on their way to the CPU, the event of their arrival)
         for xb in progress_bar(batches, self.verbose, total=total, desc="activations"):
             a = self._forward(xb, layout).float()
             if a.device.type != "cuda":
                 yield a.cpu()
                 continue
-            copy = a.to("cpu", non_blocking=True), torch.cuda.Event()
-            copy[1].record(torch.cuda.current_stream(a.device))
+            host, arrived = a.to("cpu", non_blocking=True), torch.cuda.Event()
+            arrived.record(torch.cuda.current_stream(a.device))
             if pending is not None:
                 pending[1].synchronize()
                 yield pending[0]
-            pending = copy
+            pending = host, arrived
         if pending is not None:
             pending[1].synchronize()
             yield pending[0]

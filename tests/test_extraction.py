@@ -12,7 +12,6 @@ from torch import nn
 
 from _nets import ViewNet, inplace_net
 from skdebias import ActivationExtractor, CAVEstimator
-from skdebias.extraction import pool_activations
 from skdebias._utils._modules import find_layer
 from skdebias.models import SmallCNN, make_classifier, torchvision_model
 from skdebias.report import peak_memory_growth
@@ -295,20 +294,34 @@ def test_extraction_memory_of_a_large_memmap(tmp_path):
     _memory_check(tmp_path, int(1.2 * 2**30), 300 * 2**20)
 
 
+def _pooled_by_hand(a, pooling):
+    if pooling is None or a.ndim <= 2:
+        return a
+    if pooling == "flatten":
+        return a.reshape(len(a), -1)
+    flat = a.reshape(a.shape[0], a.shape[1], -1)
+    return flat.amax(dim=2) if pooling == "max" else flat.mean(dim=2)
+
+
 @pytest.mark.parametrize("pooling", ["max", "mean", "flatten", None])
 def test_transform_same_in_either_memory_layout(pooling):
-    # batches run in channels_last; the activations equal a hand-made NCHW forward, also
-    # for a network that calls .view on a convolution output (run in its own layout)
+    # the activations, pooled in the maps' own layout, equal a hand-made NCHW forward pooled by
+    # hand, whether the images come in NCHW or in channels_last; a network that calls .view on
+    # a convolution output runs in its own layout
     torch.manual_seed(0)
     X = np.random.RandomState(0).rand(10, 3, 8, 8).astype(np.float32)
-    for net, layer in ((SmallCNN(), "features.3"), (ViewNet(), "head")):
+    channels_last = torch.as_tensor(X).contiguous(memory_format=torch.channels_last)
+    for net, layer, inputs in ((SmallCNN(), "features.3", (X, channels_last)),
+                               (ViewNet(), "head", (X,))):
         net.eval()
         seen = []
         hook = net.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
         with torch.no_grad():
             net(torch.as_tensor(X))
         hook.remove()
-        expected = pool_activations(seen[0], pooling).numpy()
-        got = ActivationExtractor(net, layer, pooling=pooling, batch_size=4).fit_transform(X)
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        assert got.flags.c_contiguous
+        expected = _pooled_by_hand(seen[0], pooling).numpy()
+        for images in inputs:
+            got = ActivationExtractor(net, layer, pooling=pooling,
+                                      batch_size=4).fit_transform(images)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            assert got.flags.c_contiguous
