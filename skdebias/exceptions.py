@@ -1,7 +1,7 @@
 """Exceptions and warnings that skdebias raises."""
 
-__all__ = ["ChanceLevelWarning", "CleanAccuracyWarning", "DivergenceError",
-           "UntrainedNetworkWarning"]
+__all__ = ["ChanceLevelWarning", "CleanAccuracyWarning", "ConfidenceOnlyWarning",
+           "DivergenceError", "UntrainedNetworkWarning"]
 
 
 class DivergenceError(RuntimeError):
@@ -65,5 +65,24 @@ class CleanAccuracyWarning(UserWarning):
     --------
     >>> from skdebias.exceptions import CleanAccuracyWarning
     >>> issubclass(CleanAccuracyWarning, UserWarning)
+    True
+    """
+
+
+class ConfidenceOnlyWarning(UserWarning):
+    """A bias measured on probabilities fell mainly because the network grew less confident,
+    while its decisions still follow the bias attribute.
+
+    The counterfactual bias ``mean |p_y(x) - p_y(x_cf)|`` shrinks whenever the probabilities
+    move towards uniform, even if the predicted class still changes with the bias attribute as
+    often as before. Issued by ``FastModelDebiaser`` when its bias cut on the held-out pairs is
+    less than half visible in their prediction flip rate
+    (:func:`skdebias.metrics.counterfactual_flip_rate`) and the mean top-class probability
+    fell; the message gives both and the parameter to change.
+
+    Examples
+    --------
+    >>> from skdebias.exceptions import ConfidenceOnlyWarning
+    >>> issubclass(ConfidenceOnlyWarning, UserWarning)
     True
     """

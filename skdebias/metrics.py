@@ -26,7 +26,7 @@ from .attribution import attribute
 
 __all__ = ["concept_sensitivity", "attacked_accuracy", "artifact_relevance",
            "worst_group_accuracy", "make_debias_scorer", "DebiasScorer", "spurious_gap",
-           "counterfactual_bias"]
+           "counterfactual_bias", "counterfactual_flip_rate"]
 
 #: How :func:`concept_sensitivity` reduces the gradient over spatial positions.
 GRADIENT_POOLINGS = ("mean", "max", "sum")
@@ -556,17 +556,7 @@ def counterfactual_bias(net, X, X_cf, y, *, signed=False, batch_size=256):
     >>> counterfactual_bias(net, X, X, np.zeros(8, dtype=int))
     0.0
     """
-    check_int("batch_size", batch_size)
-    X, _ = check_input(X)
-    X_cf, _ = check_input(X_cf, name="X_cf")
-    _check_network_input(net, X)
-    n, n_cf = n_samples(X), n_samples(X_cf)
-    shape = tuple(getattr(X, "shape", ())[1:])
-    shape_cf = tuple(getattr(X_cf, "shape", ())[1:])
-    if n != n_cf or shape != shape_cf:
-        raise ValueError(
-            f"X_cf must have the same shape as X (one counterfactual per sample); got X with "
-            f"{n} samples of shape {shape} and X_cf with {n_cf} samples of shape {shape_cf}.")
+    X, X_cf, n = _check_pairs(net, X, X_cf, batch_size)
     y = np.asarray(y).ravel()
     if len(y) != n:
         raise ValueError(f"y has {len(y)} labels but X has {n} samples.")
@@ -578,3 +568,63 @@ def counterfactual_bias(net, X, X_cf, y, *, signed=False, batch_size=256):
     rows = np.arange(n)
     diff = p[rows, y].astype(np.float64) - p_cf[rows, y].astype(np.float64)
     return float(diff.mean() if signed else np.abs(diff).mean())
+
+
+def counterfactual_flip_rate(net, X, X_cf, *, batch_size=256):
+    """Share of counterfactual pairs whose predicted class changes with the bias attribute.
+
+    The decision-level companion of :func:`counterfactual_bias`, independent of
+    how confident the network is. A network that only grows less confident
+    (its logits divided by a temperature, say) has a smaller
+    ``counterfactual_bias`` but the same flip rate: its decisions still follow
+    the bias attribute.
+
+    Parameters
+    ----------
+    net : torch.nn.Module or fitted skorch NeuralNet
+        The classifier; a module must output logits.
+    X : array-like or tensor of shape (n, C, H, W)
+        The factual images.
+    X_cf : array-like or tensor of the same shape as ``X``
+        The counterfactual images, ``X_cf[i]`` = ``X[i]`` with another bias attribute.
+    batch_size : int, default=256
+
+    Returns
+    -------
+    rate : float
+        In [0, 1]: the fraction of pairs with ``argmax p(x_i) != argmax p(x_cf_i)``.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skdebias.metrics import counterfactual_flip_rate
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2, bias=False))
+    >>> _ = net[1].weight.data.copy_(torch.tensor([[1., 0, 0, 0], [0, 1, 0, 0]]))
+    >>> X = np.array([[[[1., 0], [0, 0]]], [[[0, 1], [0, 0]]]], dtype="float32")
+    >>> counterfactual_flip_rate(net, X, X[::-1].copy())   # swapped: both predictions change
+    1.0
+    >>> counterfactual_flip_rate(net, X, X / 4)           # only less confident: none changes
+    0.0
+    """
+    X, X_cf, n = _check_pairs(net, X, X_cf, batch_size)
+    if n == 0:
+        raise ValueError("X is empty: counterfactual_flip_rate needs at least one pair.")
+    p = predict_proba(net, X, batch_size=batch_size)
+    p_cf = predict_proba(net, X_cf, batch_size=batch_size)
+    return float(np.mean(p.argmax(axis=1) != p_cf.argmax(axis=1)))
+
+
+def _check_pairs(net, X, X_cf, batch_size):
+    """Checked counterfactual pairs ``(X, X_cf, n)`` for a network."""
+    check_int("batch_size", batch_size)
+    X, _ = check_input(X)
+    X_cf, _ = check_input(X_cf, name="X_cf")
+    _check_network_input(net, X)
+    n, n_cf = n_samples(X), n_samples(X_cf)
+    shape = tuple(getattr(X, "shape", ())[1:])
+    shape_cf = tuple(getattr(X_cf, "shape", ())[1:])
+    if n != n_cf or shape != shape_cf:
+        raise ValueError(
+            f"X_cf must have the same shape as X (one counterfactual per sample); got X with "
+            f"{n} samples of shape {shape} and X_cf with {n_cf} samples of shape {shape_cf}.")
+    return X, X_cf, n

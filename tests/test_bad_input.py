@@ -222,6 +222,10 @@ def _cf_bias(X, y):
     return metrics.counterfactual_bias(NET, X, X, y, signed=True)
 
 
+def _cf_flip(X, y):
+    return metrics.counterfactual_flip_rate(NET, X, X)
+
+
 IMAGE_USERS = {
     "ActivationExtractor": _ae, "SpectralRelevanceAnalysis": _spray,
     "GradientPenaltyCorrector": _rr, "ClassArtifactCompensator": _clarc,
@@ -229,7 +233,7 @@ IMAGE_USERS = {
     "GroupBalancedClassifier": _balanced, "concept_sensitivity": _sensitivity,
     "tcav_score": _tcav, "spatial_mean_tcav": _spatial_tcav, "attacked_accuracy": _attacked,
     "artifact_relevance": _relevance,
-    "counterfactual_bias": _cf_bias,
+    "counterfactual_bias": _cf_bias, "counterfactual_flip_rate": _cf_flip,
 }
 USER_NAMES = sorted(IMAGE_USERS)
 
@@ -703,6 +707,7 @@ def test_counterfactual_bias_bad_X_cf(data):
     else:
         X_cf[data.draw(st.integers(0, 7)), 0, 0, 0] = NAN
     _raises(ValueError, "X_cf", lambda: metrics.counterfactual_bias(NET, X0, X_cf, Y0))
+    _raises(ValueError, "X_cf", lambda: metrics.counterfactual_flip_rate(NET, X0, X_cf))
     if kind != "nan":
         fmd = FastModelDebiaser(NET, device="cpu")
         _raises(ValueError, "X_cf", lambda: fmd.fit(X0, Y0, X_cf=X_cf))
@@ -892,6 +897,9 @@ METRIC_PARAMS = {
         {"k": not_int()}),
     "counterfactual_bias": (
         lambda **p: metrics.counterfactual_bias(NET, X0, X0, Y0, **p),
+        {"batch_size": not_int()}),
+    "counterfactual_flip_rate": (
+        lambda **p: metrics.counterfactual_flip_rate(NET, X0, X0, **p),
         {"batch_size": not_int()}),
     "make_debias_scorer": (
         lambda **p: metrics.make_debias_scorer(**p),

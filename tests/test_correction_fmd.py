@@ -3,6 +3,7 @@ on colored digits."""
 
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from skdebias.correction import _fmd as fmd_module
 from skdebias.correction._fmd import (
     _augment, _bias_and_gradient, _conjugate_gradient, _HessianBuilder, _HessianOperator,
     _loss_gradients)
-from skdebias.metrics import counterfactual_bias
+from skdebias.exceptions import ConfidenceOnlyWarning
+from skdebias.metrics import counterfactual_bias, counterfactual_flip_rate
 
 
 @pytest.fixture(autouse=True)
@@ -239,7 +241,14 @@ def test_fmd_on_colored_digits(colored_data, colored_net):
     x, x_cf, yt = _biased_test_pairs(colored_data)
     w = colored_net.module_.classifier[2].weight.detach().clone()
     fmd = FastModelDebiaser(colored_net, n_pairs=300, random_state=0)
-    fmd.fit(colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
+    # these features hold the colour and little of the digit: the bias falls because the
+    # network grows less confident, while the colour still decides the class, and FMD says so
+    with pytest.warns(ConfidenceOnlyWarning, match=r"max_accuracy_drop \(now 0.02\)"):
+        fmd.fit(colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
+    assert fmd.flip_rate_before_ >= 0.9 and fmd.flip_rate_after_ >= 0.8 * fmd.flip_rate_before_
+    assert fmd.confidence_after_ < fmd.confidence_before_ - 0.2
+    assert counterfactual_flip_rate(fmd.estimator_, x, x_cf) >= 0.8 * counterfactual_flip_rate(
+        colored_net, x, x_cf)
     assert fmd.layer_ == "classifier.2"
     assert torch.equal(colored_net.module_.classifier[2].weight, w)
     assert fmd.n_steps_ >= 1 and fmd.bias_after_ < fmd.bias_before_ - 0.1
@@ -258,6 +267,63 @@ def test_fmd_on_colored_digits(colored_data, colored_net):
     assert scores.shape == (len(idx),) and np.all(np.isfinite(scores))
     aligned = colored_data.concept[idx] == 1
     assert scores[aligned].mean() > scores[~aligned].mean()
+
+
+def _shortcut_pairs(n=400, seed=0):
+    """Two classes with a noisy class signal in 3 features and a bias feature that agrees with
+    the class; the head trusts the bias feature. Counterfactuals flip the bias feature."""
+    rng = np.random.RandomState(seed)
+    y = rng.randint(0, 2, n)
+    sign = (2 * y - 1).astype(np.float32)
+    X = np.c_[sign[:, None] + rng.randn(n, 3), sign].astype(np.float32)
+    X_cf = X.copy()
+    X_cf[:, -1] *= -1
+    net = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[-0.3, -0.3, -0.3, -4.0], [0.3, 0.3, 0.3, 4.0]]))
+        net[0].bias.zero_()
+    return net, X, X_cf, y
+
+
+def test_fmd_changing_the_decisions_does_not_warn(recwarn):
+    net, X, X_cf, y = _shortcut_pairs()
+    fmd = FastModelDebiaser(net, max_accuracy_drop=0.05, random_state=0).fit(X, y, X_cf=X_cf)
+    assert not [w for w in recwarn if issubclass(w.category, ConfidenceOnlyWarning)]
+    assert fmd.flip_rate_before_ == 1.0 and fmd.flip_rate_after_ < 0.5
+    assert fmd.bias_after_ < 0.5 * fmd.bias_before_
+    assert counterfactual_flip_rate(fmd.estimator_, X, X_cf) < 0.5
+
+
+def test_fmd_warns_when_the_features_carry_only_the_bias():
+    net, X, X_cf, y = _shortcut_pairs()
+    X[:, :3] = np.random.RandomState(1).randn(len(X), 3)  # no class signal left
+    X_cf[:, :3] = X[:, :3]
+    with torch.no_grad():
+        net[0].weight[:, :3] = 0.0
+    with pytest.warns(ConfidenceOnlyWarning) as record:
+        fmd = FastModelDebiaser(net, random_state=0).fit(X, y, X_cf=X_cf)
+    assert record[0].filename == __file__  # points at the caller's line
+    assert fmd.bias_after_ < 0.6 * fmd.bias_before_
+    assert fmd.flip_rate_after_ > 0.9 and fmd.confidence_after_ < fmd.confidence_before_
+
+
+def test_fmd_warns_when_only_the_confidence_fell():
+    fmd = FastModelDebiaser(nn.Sequential(nn.Linear(4, 2)), max_accuracy_drop=0.05)
+    # bias down 60 % (or 8 %), with the flip rate and confidence after as given
+    for bias_after, flip_after, conf_after, warns in [
+            (0.2, 0.9, 0.5, True), (0.2, 0.6, 0.5, False), (0.2, 0.9, 0.99, False),
+            (0.46, 1.0, 0.5, False)]:
+        fmd.bias_before_, fmd.bias_after_ = 0.5, bias_after
+        fmd.flip_rate_before_, fmd.flip_rate_after_ = 1.0, flip_after
+        fmd.confidence_before_, fmd.confidence_after_ = 0.98, conf_after
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fmd._check_confidence_only()
+        assert [w.category for w in caught] == ([ConfidenceOnlyWarning] if warns else [])
+    fmd.bias_after_, fmd.flip_rate_after_, fmd.confidence_after_ = 0.2, 0.9, 0.5
+    with pytest.warns(ConfidenceOnlyWarning, match=r"by 60% \(0.500 -> 0.200\).*0.98 -> 0.50.*"
+                                                   r"on 90% of those pairs \(100% before\)"):
+        fmd._check_confidence_only()
 
 
 # ------------------------------------------------------------------ Hessian-free (cg) solver
@@ -316,10 +382,12 @@ def test_fmd_cg_reaches_the_bias_of_the_exact_solver(tabular, damping):
 
 def test_fmd_cg_on_colored_digits(colored_data, colored_net):
     kw = dict(n_pairs=300, random_state=0)
-    exact = FastModelDebiaser(colored_net, solver="exact", **kw).fit(
-        colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
-    cg = FastModelDebiaser(colored_net, solver="cg", **kw).fit(
-        colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
+    with pytest.warns(ConfidenceOnlyWarning):
+        exact = FastModelDebiaser(colored_net, solver="exact", **kw).fit(
+            colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
+    with pytest.warns(ConfidenceOnlyWarning):
+        cg = FastModelDebiaser(colored_net, solver="cg", **kw).fit(
+            colored_data.X, colored_data.y, X_cf=colored_data.X_cf)
     assert cg.n_steps_ >= 1 and cg.bias_after_ < cg.bias_before_ - 0.1
     assert abs(cg.bias_after_ - exact.bias_after_) <= 0.1 * exact.bias_after_
 

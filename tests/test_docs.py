@@ -68,9 +68,10 @@ def test_correction_examples():
 
 
 def test_fmd_end_examples():
-    # block 3 is a GridSearchCV over EnD; 4 and 5 are fragments (a user's model and batch)
-    ns = run_blocks("docs/fmd_end.md", [0, 1, 2])
+    # block 4 is a GridSearchCV over EnD; 5 and 6 are fragments (a user's model and batch)
+    ns = run_blocks("docs/fmd_end.md", [0, 1, 2, 3])
     fmd, data = ns["fmd"], ns["data"]
+    assert ns["flip"] > 0.9  # the colour decides the class of (almost) every pair
     assert fmd.bias_after_ < fmd.bias_before_
     assert ns["scores"].shape == (len(data.y),)
     assert ns["end"].history[-1]["batches"][0]["end_perp"] >= 0

@@ -21,6 +21,7 @@ from skdebias.metrics import (
     attacked_accuracy,
     concept_sensitivity,
     counterfactual_bias,
+    counterfactual_flip_rate,
     spurious_gap,
     worst_group_accuracy,
 )
@@ -139,6 +140,30 @@ def test_counterfactual_bias_values():
     with pytest.raises(ValueError,
                        match=r"labels \[2\] that are not among the network.s classes \[0, 1\]"):
         counterfactual_bias(Fixed(), X, X_cf, np.array([0, 2]))
+
+
+def test_counterfactual_flip_rate_counts_changed_decisions_not_confidence():
+    class Scaled(nn.Module):  # logits = x / temperature
+        def __init__(self, temperature=1.0):
+            super().__init__()
+            self.temperature = temperature
+
+        def forward(self, x):
+            return x / self.temperature
+
+    X = np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    X_cf = np.array([[0.0, 3.0], [3.0, 0.0], [2.5, 1.0], [0.0, 1.0]], dtype=np.float32)
+    y = np.array([0, 1, 0, 0])
+    assert counterfactual_flip_rate(Scaled(), X, X_cf) == pytest.approx(0.75)
+    # softening the outputs lowers the bias but leaves every decision as it was
+    biases = [counterfactual_bias(Scaled(t), X, X_cf, y) for t in (1.0, 4.0, 16.0)]
+    assert biases[0] > biases[1] > biases[2]
+    assert [counterfactual_flip_rate(Scaled(t), X, X_cf) for t in (4.0, 16.0)] == [0.75, 0.75]
+    assert counterfactual_flip_rate(Scaled(), X, X) == 0.0
+    with pytest.raises(ValueError, match="same shape as X"):
+        counterfactual_flip_rate(Scaled(), X, X_cf[:1])
+    with pytest.raises(ValueError, match="0 sample"):
+        counterfactual_flip_rate(Scaled(), X[:0], X_cf[:0])
 
 
 def test_counterfactual_bias_accepts_float_and_skorch_labels(gray_images):

@@ -102,6 +102,8 @@ def test_last_linear_and_resolve_linear():
     with pytest.raises(ValueError, match=r"no torch.nn.Linear layer to use by default; pass "
                                          r"head='<name>'"):
         last_linear(nn.Sequential(nn.Conv2d(1, 1, 1)), param="head")
+    with pytest.raises(ValueError, match=r"single torch.nn.Linear.*torch.nn.Sequential\(net\)"):
+        last_linear(nn.Linear(2, 2))
     net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
     name, lin = resolve_linear(net, None, "Owner")
     assert name == "2" and lin is net[2]

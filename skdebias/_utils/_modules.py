@@ -102,7 +102,11 @@ def last_linear(module: nn.Module, param: str = "layer") -> str:
     ``param`` names the estimator parameter a user can set instead; it appears
     in the error raised when the network has no linear layer.
     """
-    names = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    names = [name for name, m in module.named_modules() if name and isinstance(m, nn.Linear)]
+    if not names and isinstance(module, nn.Linear):
+        raise ValueError(
+            "The network is a single torch.nn.Linear, which has no layer name to use; wrap it "
+            "as torch.nn.Sequential(net) (its layer is then '0').")
     if not names:
         raise ValueError(
             f"The network has no torch.nn.Linear layer to use by default; pass {param}='<name>' "

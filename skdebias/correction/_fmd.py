@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from .._utils._modules import resolve_linear
 from .._utils._runtime import limit_threads
 from .._utils._validation import check_choice, check_int, check_real, check_seed
 from ..base import BaseNetworkEstimator, NetworkClassifierMixin, atomic_fit
+from ..exceptions import ConfidenceOnlyWarning
 
 __all__ = ["FastModelDebiaser", "softmax_cross_entropy_hessian"]
 
@@ -40,6 +42,8 @@ SOLVERS = ("auto", "exact", "cg")
 #: 10 x 65 = 650 parameters) the Hessian products are large enough that two threads win: the
 #: colored-digits fit took 0.41-0.43 s with 2 threads vs 0.53-0.54 s on one, on an idle 2-core machine.
 SINGLE_THREAD_SIZE = 256
+#: Smallest relative bias cut that is checked for being a loss of confidence only.
+MIN_CHECKED_CUT = 0.1
 
 
 # ------------------------------------------------------------------ linear-layer algebra
@@ -272,6 +276,13 @@ def _evaluate(theta, Fa, Fa_cf, y):
     return bias, acc
 
 
+def _decisions(theta, Fa, Fa_cf):
+    """(flip rate, mean top-class probability of the factual images) of the layer ``theta``."""
+    P, P_cf = _probs(theta, Fa), _probs(theta, Fa_cf)
+    flip = float((P.argmax(dim=1) != P_cf.argmax(dim=1)).double().mean())
+    return flip, float(P.max(dim=1).values.mean())
+
+
 def _factor(H):
     """Cholesky factor of the symmetric positive definite ``H`` (``None`` if it is not PD)."""
     L, info = torch.linalg.cholesky_ex(H)
@@ -392,6 +403,15 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
         Bias on the held-out pairs before and after unlearning.
     accuracy_before_, accuracy_after_ : float
         Accuracy on the factual images of the held-out pairs.
+    flip_rate_before_, flip_rate_after_ : float
+        Share of the held-out pairs whose predicted class changes with the bias
+        attribute (:func:`skdebias.metrics.counterfactual_flip_rate`). Unlike the
+        bias, it does not fall when the network only grows less confident; a
+        :class:`~skdebias.exceptions.ConfidenceOnlyWarning` says when the bias
+        fell by 10 % or more, less than half of that cut shows in the flip rate
+        and the confidence fell.
+    confidence_before_, confidence_after_ : float
+        Mean top-class probability on the factual images of the held-out pairs.
     n_steps_ : int
         Number of accepted unlearning steps.
     n_iter_ : int
@@ -612,6 +632,7 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
 
         bias_val, acc_val = _evaluate(theta, Fv, Fv_cf, yv)
         self.bias_before_, self.accuracy_before_ = bias_val, acc_val
+        self.flip_rate_before_, self.confidence_before_ = _decisions(theta, Fv, Fv_cf)
         self.history_ = History()
         self.n_steps_ = 0
         self._influence_direction = None
@@ -700,7 +721,31 @@ class FastModelDebiaser(ClassifierMixin, NetworkClassifierMixin, BaseNetworkEsti
             # after an accepted step, first try a step twice as long (at most step_size)
             eta = min(2.0 * eta, float(self.step_size))
         self.bias_after_, self.accuracy_after_ = bias_val, acc_val
+        self.flip_rate_after_, self.confidence_after_ = _decisions(theta, Fv, Fv_cf)
+        self._check_confidence_only()
         return theta
+
+    def _check_confidence_only(self):
+        """Warn when the bias cut is mostly a loss of confidence (decisions unchanged)."""
+        if self.bias_before_ <= 0 or self.flip_rate_before_ <= 0:
+            return
+        bias_cut = 1.0 - self.bias_after_ / self.bias_before_
+        flip_cut = 1.0 - self.flip_rate_after_ / self.flip_rate_before_
+        if (bias_cut < MIN_CHECKED_CUT or flip_cut >= bias_cut / 2
+                or self.confidence_after_ >= self.confidence_before_):
+            return
+        warnings.warn(
+            f"FastModelDebiaser cut the counterfactual bias of the held-out pairs by "
+            f"{bias_cut:.0%} ({self.bias_before_:.3f} -> {self.bias_after_:.3f}) mostly by "
+            f"making the network less confident (mean top-class probability "
+            f"{self.confidence_before_:.2f} -> {self.confidence_after_:.2f}): the predicted "
+            f"class still changes with the bias attribute on {self.flip_rate_after_:.0%} of "
+            f"those pairs ({self.flip_rate_before_:.0%} before), so bias_after_ overstates the "
+            "debiasing (see flip_rate_after_ and skdebias.metrics.counterfactual_flip_rate). "
+            "A last-layer edit cannot remove a bias that the features alone carry: allow "
+            f"longer steps with a larger max_accuracy_drop (now {self.max_accuracy_drop}) or "
+            "retrain the features (e.g. EnDClassifier).",
+            ConfidenceOnlyWarning, stacklevel=5)
 
     # ---------------------------------------------------------------- identification
     def influence_on_bias(self, X_train, y_train):
