@@ -102,15 +102,17 @@ def timed(fn):
 
 
 def colour_scores(net, data):
-    """Biased / unbiased test accuracy and the counterfactual bias (on the test images whose
-    colour the recolouring changes) of ``net`` on a coloured-digits bunch."""
-    from skdebias.metrics import counterfactual_bias
+    """Biased / unbiased test accuracy, the counterfactual bias and the prediction flip rate
+    (on the test images whose colour the recolouring changes) of ``net`` on a coloured-digits
+    bunch."""
+    from skdebias.metrics import counterfactual_bias, counterfactual_flip_rate
 
     m = data.bias_test_biased != data.bias_test
     return {
         "biased_acc": float(np.mean(net.predict(data.X_test_biased) == data.y_test)),
         "unbiased_acc": float(np.mean(net.predict(data.X_test) == data.y_test)),
         "cf_bias": counterfactual_bias(net, data.X_test_biased[m], data.X_test[m], data.y_test[m]),
+        "cf_flip": counterfactual_flip_rate(net, data.X_test_biased[m], data.X_test[m]),
     }
 
 

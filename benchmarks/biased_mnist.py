@@ -11,6 +11,8 @@ Columns (mean ± std over the seeds):
 - ``unbiased_acc``: test digits with uniformly random colours (``X_test``), the paper's metric;
 - ``paper``: the paper's unbiased accuracy for vanilla and EnD (its Table 1), ``-`` otherwise;
 - ``cf_bias``: ``mean |p_y(x) - p_y(x_cf)|`` over biased test digits shown in another colour;
+- ``cf_flip``: share of those pairs whose predicted class changes with the colour
+  (``counterfactual_flip_rate``);
 - ``warned``: runs whose training ended with a ``ChanceLevelWarning``;
 - ``time_s``: wall time of the method (FMD: its own fit on the vanilla network).
 
@@ -115,7 +117,8 @@ def run_case(rho, seed, mode="background", device="cpu", threads=1, methods=METH
 
 
 def summarise(per_seed, rhos):
-    table = seed_summary(per_seed, rhos, METHODS, ("biased_acc", "unbiased_acc", "cf_bias"))
+    table = seed_summary(per_seed, rhos, METHODS,
+                         ("biased_acc", "unbiased_acc", "cf_bias", "cf_flip"))
     for row in table:
         rs, paper = row.pop("runs"), PAPER.get(row["method"], {}).get(row["rho"])
         row["paper"] = "-" if paper is None else f"{paper:.3f}"
@@ -195,8 +198,8 @@ def main(argv=None):
          title=f"Biased-MNIST ({args.mode}), mean ± std over seeds {seeds}; paper = EnD paper's "
                f"unbiased accuracy on 60,000 digits ({EPOCHS} epochs, epoch selection "
                f"{args.selection!r}, total {total:.0f} s)",
-         columns=["rho", "method", "biased_acc", "unbiased_acc", "paper", "cf_bias", "epoch",
-                  "warned", "time_s"],
+         columns=["rho", "method", "biased_acc", "unbiased_acc", "paper", "cf_bias", "cf_flip",
+                  "epoch", "warned", "time_s"],
          extra={"per_seed": per_seed, "acceptance": checks, "total_seconds": total,
                 "paper": {m: {str(k): v for k, v in d.items()} for m, d in PAPER.items()},
                 "train_size": TRAIN_SIZE, "paper_train_size": PAPER_TRAIN_SIZE,
