@@ -15,7 +15,9 @@ the same way (Adam, lr 2e-3, batch 64, 28 px digits) on three biases:
 - ``colour``: ``make_colored_digits(rho=0.99)``. Rows: vanilla, EnD with its defaults
   (``EnDClassifier``, skorch's default validation split, last epoch), EnD with its defaults and
   the EnD authors' epoch selection (the epoch with the best accuracy on 30 % of the training
-  digits recoloured at random, ``make_colored_digits(validation_size=0.3)``), FMD with its
+  digits recoloured at random, ``make_colored_digits(validation_size=0.3)``), vanilla and EnD
+  with its defaults trained with the EnD authors' schedule (``END_SCHEDULE``; EnD's target is
+  then judged against that vanilla), FMD with its
   defaults (``FastModelDebiaser``), and vanilla with its logits divided by ``SOFTENING``: the
   same decisions, only less confident, which lowers the counterfactual bias without any
   debiasing. Each colour row also gives the prediction flip rate
@@ -47,6 +49,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from skorch.callbacks import LRScheduler
 
 from _common import (emit, epoch_selection, format_table, kept_epoch, recording,
                      target_class_concept_labels)
@@ -84,12 +87,16 @@ PENALTIES = [1e2, 1e4, 1e6]
 CV_FOLDS = 2
 TCAV_RANDOM = 6
 SOFTENING = 4  # temperature of the softened vanilla row (colour bias)
+#: The EnD authors' optimisation (Biased-MNIST script): Adam, lr 1e-3, weight decay 1e-4, batch
+#: 256, 80 epochs, the learning rate divided by 10 every 20 epochs, best validation epoch.
+END_SCHEDULE = dict(lr=1e-3, optimizer__weight_decay=1e-4, batch_size=256, max_epochs=80)
+SCHEDULE_VANILLA = "vanilla (EnD authors' schedule)"  # EnD's training with alpha = beta = 0
 TARGETS = {
     "RR no collapse": "no RR-ClArC run ends at chance accuracy or diverges",
     "RR >= reference": "where vanilla loses >= 10 points: recovers at least the reference "
                        "recipe's share of the loss, clean accuracy within 3 points",
     "P-ClArC gap <= 5": "clean and attacked accuracy within 5 points (in >= 2/3 of the runs)",
-    "SpRAy >= 2, ARI >= 0.8": "where the artifact holds >= 10 % of the relevance",
+    "SpRAy >= 2, ARI >= 0.8": "in every run where the artifact holds >= 10 % of the relevance",
     "TCAV sign agrees": "same side of 0.5 as captum's TCAV (or the hand computation)",
     "EnD >= vanilla + 5": "unbiased accuracy, EnD with its defaults, rho 0.99",
     "FMD bias -30 %": "counterfactual bias cut by >= 30 % for <= 3 points of biased accuracy",
@@ -322,11 +329,21 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                     **(extra or {})}
 
         def fit_end(**kwargs):
-            """EnD with its defaults trained like vanilla; whether it warned ChanceLevelWarning."""
+            """EnD with its defaults trained like vanilla (``kwargs`` override the training);
+            whether it warned ChanceLevelWarning."""
             torch.manual_seed(seed)
             end = EnDClassifier(copy.deepcopy(module), optimizer=torch.optim.Adam, device=device,
-                                verbose=0, iterator_train__shuffle=True, **kwargs, **train)
+                                verbose=0, iterator_train__shuffle=True, **{**train, **kwargs})
             return recording(ChanceLevelWarning, lambda: end.fit(data.X, data.y, bias=data.bias))
+
+        def authors_schedule(checkpoints):
+            """The EnD authors' optimisation and epoch selection (``END_SCHEDULE``, the learning
+            rate divided by 10 after each quarter, the best epoch on the validation split)."""
+            kw = epoch_selection(data, "valid", checkpoints, with_bias=True)
+            epochs = END_SCHEDULE["max_epochs"] if not quick else 8
+            kw["callbacks"] = kw["callbacks"] + [LRScheduler(
+                policy=torch.optim.lr_scheduler.StepLR, step_size=epochs // 4, gamma=0.1)]
+            return {**kw, **END_SCHEDULE, "max_epochs": epochs}
 
         name = "EnD (defaults)"
         try:
@@ -342,6 +359,13 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
             best, warned = fit_end(**epoch_selection(data, "valid", checkpoints, with_bias=True))
         best_row = scored("EnD (defaults, best validation epoch)", best,
                           extra={"epoch": kept_epoch(best), "warned chance": warned})
+        schedule_rows = []
+        for name, weights in ((SCHEDULE_VANILLA, dict(alpha=0.0, beta=0.0)),
+                              ("EnD (defaults, EnD authors' schedule)", {})):
+            with tempfile.TemporaryDirectory() as checkpoints:
+                est, warned = fit_end(**authors_schedule(checkpoints), **weights)
+            schedule_rows.append(scored(name, est, extra={"epoch": kept_epoch(est),
+                                                          "warned chance": warned}))
         fmd, warned = recording(ConfidenceOnlyWarning, lambda: FastModelDebiaser(
             net, device=device, random_state=seed).fit(data.X, data.y, X_cf=data.X_cf))
         van = scored("vanilla", net)
@@ -350,7 +374,7 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
         # the same decisions, only less confident: what the bias metric makes of that
         soft = scored(f"vanilla, logits / {SOFTENING}", net,
                       torch.nn.Sequential(copy.deepcopy(net.module_), _Scale(1 / SOFTENING)))
-        rows = [van, end_row, best_row, fmd_row, soft]
+        rows = [van, end_row, best_row, *schedule_rows, fmd_row, soft]
     else:
         data = make_artifact_digits(target_class=0, p=P_ARTIFACT, artifact=bias,
                                     random_state=seed)
@@ -480,15 +504,19 @@ def summarise(rows):
                     meets["P-ClArC gap <= 5"] = bool(
                         np.mean([abs(r["clean acc"] - r["attacked acc"]) <= 0.05 for r in rs])
                         >= 2 / 3)
-                if m.startswith("SpRAy") and row["relevance share"] >= 0.10:
+                # judged run by run, in the runs where the artifact holds >= 10 % of the relevance
+                held = [r for r in rs if m.startswith("SpRAy") and r["relevance share"] >= 0.10]
+                if held:
                     meets["SpRAy >= 2, ARI >= 0.8"] = bool(
-                        all(r["clusters"] >= 2 and r["ARI"] >= 0.8 for r in rs))
+                        all(r["clusters"] >= 2 and r["ARI"] >= 0.8 for r in held))
                 if m.startswith("TCAV"):
                     meets["TCAV sign agrees"] = bool(all(r["sign agrees"] for r in rs))
             else:
                 if m.startswith("EnD"):
+                    # against vanilla trained the same way
+                    base = by.get(SCHEDULE_VANILLA, van) if "authors' schedule" in m else van
                     meets["EnD >= vanilla + 5"] = bool(
-                        row["unbiased acc"] >= _mean(van, "unbiased acc") + 0.05)
+                        row["unbiased acc"] >= _mean(base, "unbiased acc") + 0.05)
                 cut = 1 - row["cf bias"] / _mean(van, "cf bias")
                 if m != "vanilla":
                     row["bias cut"] = cut
