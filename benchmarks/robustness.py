@@ -17,10 +17,9 @@ the same way (Adam, lr 2e-3, batch 64, 28 px digits) on three biases:
   the EnD authors' epoch selection (the epoch with the best accuracy on 30 % of the training
   digits recoloured at random, ``make_colored_digits(validation_size=0.3)``), vanilla and EnD
   with its defaults trained with the EnD authors' schedule (``END_SCHEDULE``; EnD's target is
-  then judged against that vanilla), FMD with its
-  defaults (``FastModelDebiaser``), and vanilla with its logits divided by ``SOFTENING``: the
-  same decisions, only less confident, which lowers the counterfactual bias without any
-  debiasing. Each colour row also gives the prediction flip rate
+  then judged against that vanilla), FMD with its defaults (``FastModelDebiaser``), and vanilla
+  with its logits divided by ``SOFTENING``: the same decisions, only less confident, which
+  lowers the counterfactual bias without any debiasing. Each colour row also gives the prediction flip rate
   (``counterfactual_flip_rate``), which such softening leaves as it is.
 
 RR-ClArC's penalty (each variant, and the reference recipe's) is picked by ``GridSearchCV`` on the

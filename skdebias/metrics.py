@@ -560,8 +560,6 @@ def counterfactual_bias(net, X, X_cf, y, *, signed=False, batch_size=256):
     y = np.asarray(y).ravel()
     if len(y) != n:
         raise ValueError(f"y has {len(y)} labels but X has {n} samples.")
-    if n == 0:
-        raise ValueError("X is empty: counterfactual_bias needs at least one pair.")
     p = predict_proba(net, X, batch_size=batch_size)
     p_cf = predict_proba(net, X_cf, batch_size=batch_size)
     y = encode_y(y, network_classes(net, p.shape[1]))  # labels -> output columns
@@ -606,16 +604,15 @@ def counterfactual_flip_rate(net, X, X_cf, *, batch_size=256):
     >>> counterfactual_flip_rate(net, X, X / 4)           # only less confident: none changes
     0.0
     """
-    X, X_cf, n = _check_pairs(net, X, X_cf, batch_size)
-    if n == 0:
-        raise ValueError("X is empty: counterfactual_flip_rate needs at least one pair.")
+    X, X_cf, _ = _check_pairs(net, X, X_cf, batch_size)
     p = predict_proba(net, X, batch_size=batch_size)
     p_cf = predict_proba(net, X_cf, batch_size=batch_size)
     return float(np.mean(p.argmax(axis=1) != p_cf.argmax(axis=1)))
 
 
 def _check_pairs(net, X, X_cf, batch_size):
-    """Checked counterfactual pairs ``(X, X_cf, n)`` for a network."""
+    """Checked counterfactual pairs ``(X, X_cf, n)`` for a network (``check_input`` rejects
+    an empty ``X``)."""
     check_int("batch_size", batch_size)
     X, _ = check_input(X)
     X_cf, _ = check_input(X_cf, name="X_cf")

@@ -86,8 +86,11 @@ def to_float(x, sample_ndim, dtype=torch.float32, device=None):
 
 
 def _send(x, device):
-    """``x`` on ``device``; a CPU batch bound for CUDA goes through pinned memory, without
+    """``x`` on ``device`` (``None``: where it is); a CPU batch bound for CUDA goes through
+    pinned memory (pinned once: a batch a DataLoader pinned is used as it is), without
     blocking (the copy is ordered before the work queued after it on the device)."""
+    if device is None:
+        return x
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda and x.device.type == "cpu":
         x = x.pin_memory()
@@ -174,7 +177,7 @@ def iter_batches(X, batch_size: int = 128, y=None, device=None, dtype=torch.floa
                 "An IterableDataset is read once, in its order: it cannot be paired with y or "
                 "subset; pass a map-style Dataset, an array or a tensor.")
         for xb in _dataset_loader(X, batch_size, dtype, num_workers, on_cuda):
-            yield xb.to(device=device, non_blocking=on_cuda)
+            yield _send(xb, device)
         return
     n = n_samples(X)
     order = np.arange(n) if indices is None else np.asarray(indices)
@@ -185,16 +188,14 @@ def iter_batches(X, batch_size: int = 128, y=None, device=None, dtype=torch.floa
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         if loader is not None:
-            xb = next(loader)
-            moved = xb.to(device=device, non_blocking=on_cuda)
+            xb = _send(next(loader), device)
         else:
             raw = X[torch.as_tensor(idx, device=X.device) if isinstance(X, torch.Tensor)
                     else idx] if indices is not None else X[start:start + batch_size]
-            moved = to_float(raw, np.ndim(raw) - 1, dtype, device=device)
-            if indices is None and moved.data_ptr() == _data_ptr(raw):
+            xb = to_float(raw, np.ndim(raw) - 1, dtype, device=device)
+            if indices is None and xb.data_ptr() == _data_ptr(raw):
                 # a view of the caller's X: an in-place first layer must not write into it
-                moved = moved.clone()
-        xb = moved
+                xb = xb.clone()
         if y is None:
             yield xb
         else:
