@@ -1,7 +1,7 @@
 """Exceptions and warnings that skdebias raises."""
 
 __all__ = ["ChanceLevelWarning", "CleanAccuracyWarning", "ConfidenceOnlyWarning",
-           "DivergenceError", "UntrainedNetworkWarning"]
+           "DivergenceError", "SaturatedPenaltyWarning", "UntrainedNetworkWarning"]
 
 
 class DivergenceError(RuntimeError):
@@ -84,5 +84,24 @@ class ConfidenceOnlyWarning(UserWarning):
     --------
     >>> from skdebias.exceptions import ConfidenceOnlyWarning
     >>> issubclass(ConfidenceOnlyWarning, UserWarning)
+    True
+    """
+
+
+class SaturatedPenaltyWarning(UserWarning):
+    """A regulariser stayed at the value where its gradient vanishes, so it could not act.
+
+    EnD's disentangling term ``R_perp`` reaches 1 when the bottleneck features of every bias
+    group point in one direction, and there the gradient of the plain term is zero: a network
+    whose features encode the bias attribute from the start (average-pooled features on a
+    background colour, for example) keeps encoding it. Issued by ``EnDClassifier`` and
+    ``EnDRegularizer`` when the mean ``R_perp`` of the last training epoch is 0.95 or more with
+    ``alpha > 0``; the message names ``perp_loss="log"``, whose gradient does not vanish there,
+    and ``alpha``.
+
+    Examples
+    --------
+    >>> from skdebias.exceptions import SaturatedPenaltyWarning
+    >>> issubclass(SaturatedPenaltyWarning, UserWarning)
     True
     """

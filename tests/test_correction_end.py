@@ -1,6 +1,8 @@
 """EnD: the two terms, the EnDRegularizer callback and EnDClassifier."""
 
 import pickle
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from skdebias.correction import (
     IgnoreBiasInput,
     end_terms,
 )
+from skdebias.exceptions import SaturatedPenaltyWarning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,14 +85,108 @@ def test_end_terms_center_subtracts_batch_mean():
 
 def test_end_defaults_and_center_validation(bias_toy):
     assert EnDRegularizer().get_params() == {"layer": None, "alpha": 1.0, "beta": 3.0,
-                                             "center": True}
+                                             "center": True, "perp_loss": "linear"}
     params = make_end().get_params()
-    assert (params["alpha"], params["beta"], params["center"]) == (1.0, 3.0, True)
+    assert (params["alpha"], params["beta"], params["center"], params["perp_loss"]) == \
+        (1.0, 3.0, True, "linear")
     X, y, bias = bias_toy
     with pytest.raises(ValueError, match="center=1 is not valid"):
         make_end(center=1).fit(X, y, bias=bias)
     with pytest.raises(ValueError, match="center='yes' is not valid"):
         EnDRegularizer(center="yes").penalty(torch.rand(4, 2), [0, 0, 1, 1], [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="perp_loss='square' is not valid"):
+        make_end(perp_loss="square").fit(X, y, bias=bias)
+    with pytest.raises(ValueError, match="perp_loss='exp' is not valid"):
+        EnDRegularizer(perp_loss="exp").penalty(torch.rand(4, 2), [0, 0, 1, 1], [0, 1, 0, 1])
+
+
+def _saturated_batch():
+    """Six features in two bias groups whose centred features all but coincide (R_perp ~ 1)."""
+    torch.manual_seed(0)
+    f = torch.tensor([[5.0, 0.0, 0.0]] * 3 + [[0.0, 5.0, 0.0]] * 3) + 0.02 * torch.randn(6, 3)
+    return f.requires_grad_(True), torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0] * 3 + [1] * 3)
+
+
+def test_log_perp_loss_value_and_gradient_where_linear_vanishes():
+    f, y, bias = _saturated_batch()
+    r_perp, r_par = (t.detach() for t in end_terms(f, y, bias, center=True))
+    assert float(r_perp) > 0.99
+    linear, log = (EnDRegularizer(alpha=2.0, beta=0.5, perp_loss=p) for p in ("linear", "log"))
+    assert float(log.penalty(f.detach(), y, bias)) == pytest.approx(
+        float(-2.0 * torch.log1p(-r_perp) + 0.5 * r_par), rel=1e-5)
+    assert float(linear.penalty(f.detach(), y, bias)) == pytest.approx(
+        float(2.0 * r_perp + 0.5 * r_par))
+    # the disentangling term alone: the log form scales the gradient by 1 / (1 - R_perp)
+    only = dict(alpha=1.0, beta=0.0)
+    (g_lin,) = torch.autograd.grad(EnDRegularizer(**only).penalty(f, y, bias), f)
+    (g_log,) = torch.autograd.grad(EnDRegularizer(perp_loss="log", **only).penalty(f, y, bias), f)
+    ratio = float(g_log.norm() / g_lin.norm())
+    assert ratio == pytest.approx(1 / (1 - float(r_perp)), rel=1e-3) and ratio > 100
+
+
+def test_log_perp_loss_in_the_classifier_logs_both_terms(bias_toy):
+    X, y, bias = bias_toy
+    torch.manual_seed(0)
+    clf = make_end(perp_loss="log", max_epochs=1).fit(X, y, bias=bias)
+    batch = clf.history[-1]["batches"][0]
+    assert {"end_perp", "end_par", "end_perp_log"} <= set(batch)
+    assert batch["end_perp_log"] == pytest.approx(-np.log1p(-batch["end_perp"]), rel=1e-4)
+    # the loss adds alpha * -log(1 - R_perp), not alpha * R_perp
+    Xt, yt, bt = torch.as_tensor(X[:16]), torch.as_tensor(y[:16]), torch.as_tensor(bias[:16])
+    with clf._capture():
+        loss = clf.get_loss(clf.infer({"X": Xt, "bias": bt}), yt, X={"X": Xt, "bias": bt})
+    r_perp, r_par = end_terms(clf.module_.body(Xt), yt, bt, center=True)
+    expected = nn.functional.cross_entropy(clf.module_(Xt), yt) - torch.log1p(-r_perp) + \
+        3.0 * r_par
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.fixture
+def saturating_toy():
+    """Three features that carry the bias ten times as strongly as anything else: the
+    bottleneck features of each bias group coincide and stay so at a small lr."""
+    rng = np.random.RandomState(0)
+    n = 96
+    bias = rng.randint(0, 3, n)
+    y = np.where(rng.rand(n) < 0.9, bias, rng.randint(0, 3, n))
+    X = (0.05 * rng.randn(n, 6)).astype(np.float32)
+    X[np.arange(n), bias] += 10.0
+    return X, y.astype(np.int64), bias.astype(np.int64)
+
+
+def _caught(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [w for w in caught if issubclass(w.category, SaturatedPenaltyWarning)]
+
+
+def test_saturated_disentangling_term_warns(saturating_toy, bias_toy):
+    X, y, bias = saturating_toy
+    torch.manual_seed(0)
+    (w,) = _caught(lambda: make_end().fit(X, y, bias=bias))
+    msg = str(w.message)
+    assert re.search(r"R_perp averaged (0\.9[5-9]\d|1\.000) over the last training epoch", msg)
+    assert "perp_loss='log'" in msg and "raise alpha (now 1.0)" in msg
+    # the log form names alpha only
+    torch.manual_seed(0)
+    (w,) = _caught(lambda: make_end(perp_loss="log").fit(X, y, bias=bias))
+    assert "perp_loss" not in str(w.message) and "raise alpha (now 1.0)" in str(w.message)
+    # no regulariser, no warning; nor where the term falls (the usual toy)
+    assert not _caught(lambda: make_end(alpha=0.0).fit(X, y, bias=bias))
+    Xb, yb, bb = bias_toy
+    assert not _caught(lambda: make_end().fit(Xb, yb, bias=bb))
+
+
+def test_saturated_disentangling_term_warns_from_the_callback(saturating_toy):
+    X, y, bias = saturating_toy
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(IgnoreBiasInput(MLP()), criterion=nn.CrossEntropyLoss,
+                              optimizer=torch.optim.Adam, lr=1e-2, callbacks=[
+                                  ("end", EnDRegularizer(layer="module.body.1"))],
+                              max_epochs=3, train_split=None, verbose=0)
+    (w,) = _caught(lambda: net.fit({"X": X, "bias": bias}, y))
+    assert "perp_loss='log'" in str(w.message)
 
 
 def test_end_terms_length_mismatch():
@@ -374,7 +471,7 @@ def test_regularizer_clone_after_use(bias_toy):
                               verbose=0)
     net.fit({"X": X, "bias": bias}, y)
     assert reg.get_params() == {"layer": "module.body.1", "alpha": 0.4, "beta": 0.6,
-                                "center": True}
+                                "center": True, "perp_loss": "linear"}
     cloned = clone(reg)
     assert cloned.get_params() == reg.get_params()
     assert EnDRegularizer(**reg.get_params()).get_params() == reg.get_params()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -25,8 +26,15 @@ from torch import nn
 from .._utils._modules import find_layer, get_module, last_linear
 from .._utils._validation import check_choice, check_group_labels, check_real
 from ..base import BIAS_KEY, INPUT_KEY, DictInputClassifier, HookedLossMixin, LayerCapture
+from ..exceptions import SaturatedPenaltyWarning
 
 __all__ = ["end_terms", "EnDRegularizer", "EnDClassifier", "IgnoreBiasInput"]
+
+PERP_LOSSES = ("linear", "log")
+#: mean ``R_perp`` of the last training epoch from which the term counts as saturated
+SATURATED_PERP = 0.95
+# ``-log(1 - R_perp)`` is evaluated at ``R_perp <= 1 - _LOG_EPS`` (at most about 13.8)
+_LOG_EPS = 1e-6
 
 
 # ------------------------------------------------------------------ the two terms
@@ -107,27 +115,56 @@ def end_terms(features, y, bias, center=False):
     return r_perp, r_par
 
 
-def _weighted_end_terms(features, y, bias, alpha, beta, center=False):
-    """``{"end_perp": (alpha, R_perp), "end_par": (beta, R_par)}`` of one batch, the labels
-    moved to the features' device: the one term computation behind the classifier's loss,
-    :meth:`EnDRegularizer.penalty` and the callback's gradient."""
+def _weighted_end_terms(features, y, bias, alpha, beta, center=False, perp_loss="linear"):
+    """The weighted terms of one batch as ``{name: (weight, term)}``, the labels moved to the
+    features' device: the one term computation behind the classifier's loss,
+    :meth:`EnDRegularizer.penalty` and the callback's gradient.
+
+    ``"end_perp"`` and ``"end_par"`` are ``R_perp`` and ``R_par``. With ``perp_loss="log"``
+    the disentangling term enters as ``"end_perp_log"``, ``-log(1 - R_perp)`` with weight
+    ``alpha``, and ``"end_perp"`` is kept, with weight 0, to be logged."""
     device = features.device
     r_perp, r_par = end_terms(features, torch.as_tensor(y, device=device),
                               torch.as_tensor(bias, device=device), center=center)
+    if perp_loss == "log":
+        # d/dR -log(1 - R) = 1 / (1 - R): the gradient of R_perp, which vanishes where the
+        # features of each bias group point one way (R_perp -> 1), is scaled up by as much
+        log_perp = -torch.log1p(-r_perp.clamp(max=1.0 - _LOG_EPS))
+        return {"end_perp": (0.0, r_perp), "end_par": (float(beta), r_par),
+                "end_perp_log": (float(alpha), log_perp)}
     return {"end_perp": (float(alpha), r_perp), "end_par": (float(beta), r_par)}
 
 
 def _penalty(terms):
-    """``alpha * R_perp + beta * R_par`` from :func:`_weighted_end_terms`."""
-    (alpha, r_perp), (beta, r_par) = terms.values()
-    return alpha * r_perp + beta * r_par
+    """The penalty ``sum weight * term`` of :func:`_weighted_end_terms` (``alpha * R_perp +
+    beta * R_par``, or ``-alpha * log(1 - R_perp) + beta * R_par``)."""
+    return sum(weight * term for weight, term in terms.values())
+
+
+def _warn_saturated(history, alpha, perp_loss):
+    """Issue :class:`~skdebias.exceptions.SaturatedPenaltyWarning` when the mean ``R_perp``
+    of the last training epoch in ``history`` is at least :data:`SATURATED_PERP`."""
+    if not alpha or not len(history):
+        return
+    values = [b["end_perp"] for b in history[-1]["batches"] if "end_perp" in b]
+    if not values or np.mean(values) < SATURATED_PERP:
+        return
+    advice = ("set perp_loss='log', whose gradient does not vanish there, or raise alpha"
+              if perp_loss == "linear" else "raise alpha")
+    warnings.warn(
+        f"EnD's disentangling term R_perp averaged {np.mean(values):.3f} over the last "
+        f"training epoch (1: the bottleneck features of each bias group all point one way). "
+        f"Its gradient vanishes there, so the regulariser could not remove the bias from "
+        f"these features; {advice} (now {alpha}).", SaturatedPenaltyWarning, stacklevel=2)
 
 
 def _check_weights(est):
-    """Validate ``alpha``, ``beta`` and ``center`` of an EnD estimator or callback."""
+    """Validate ``alpha``, ``beta``, ``center`` and ``perp_loss`` of an EnD estimator or
+    callback."""
     check_real("alpha", est.alpha, low=0)
     check_real("beta", est.beta, low=0)
     check_choice("center", est.center, (True, False))
+    check_choice("perp_loss", est.perp_loss, PERP_LOSSES)
 
 
 def _resolve_bottleneck(module, layer):
@@ -173,6 +210,14 @@ class EnDRegularizer(Callback):
         normalisation (see :func:`end_terms`); ``False`` gives the paper's
         terms, which leave networks with ReLU features as biased as without
         the regulariser (see the EnD section of the documentation).
+    perp_loss : {"linear", "log"}, default="linear"
+        How the disentangling term enters the loss: ``"linear"`` adds
+        ``alpha * R_perp`` (the paper); ``"log"`` adds ``-alpha * log(1 - R_perp)``,
+        equal near 0 and with a gradient that does not vanish where ``R_perp``
+        nears 1 (every bias group's features point one way, as they do from
+        the start for average-pooled features of a background colour). The
+        logged ``end_perp`` is ``R_perp`` either way; ``"log"`` also logs
+        ``end_perp_log``.
 
     See Also
     --------
@@ -192,18 +237,20 @@ class EnDRegularizer(Callback):
     >>> loss.backward()
     """
 
-    def __init__(self, layer=None, alpha=1.0, beta=3.0, center=True):
+    def __init__(self, layer=None, alpha=1.0, beta=3.0, center=True, perp_loss="linear"):
         self.layer = layer
         self.alpha = alpha
         self.beta = beta
         self.center = center
+        self.perp_loss = perp_loss
 
     # ---------------------------------------------------------------- loss-term use
     def penalty(self, features, y, bias):
-        """``alpha * R_perp + beta * R_par`` for one batch (differentiable)."""
+        """``alpha * R_perp + beta * R_par`` for one batch (``perp_loss="log"``:
+        ``-alpha * log(1 - R_perp) + beta * R_par``), differentiable."""
         _check_weights(self)
         return _penalty(_weighted_end_terms(features, y, bias, self.alpha, self.beta,
-                                            self.center))
+                                            self.center, self.perp_loss))
 
     @contextlib.contextmanager
     def attach(self, module):
@@ -239,6 +286,7 @@ class EnDRegularizer(Callback):
     def on_train_end(self, net, X=None, y=None, **kwargs):
         self._close()
         self.__dict__.pop("_layer", None)
+        _warn_saturated(net.history, self.alpha, self.perp_loss)
 
     def on_batch_begin(self, net, batch=None, training=None, **kwargs):
         self._close()
@@ -266,7 +314,8 @@ class EnDRegularizer(Callback):
             return
         with torch.enable_grad():
             leaf = feats.detach().requires_grad_(True)
-            terms = _weighted_end_terms(leaf, y, bias, self.alpha, self.beta, self.center)
+            terms = _weighted_end_terms(leaf, y, bias, self.alpha, self.beta, self.center,
+                                        self.perp_loss)
             (grad,) = torch.autograd.grad(_penalty(terms), leaf, allow_unused=True)
         for name, (_, term) in terms.items():
             net.history.record_batch(name, float(term.detach()))
@@ -350,8 +399,14 @@ class EnDClassifier(HookedLossMixin, DictInputClassifier):
         Centre the bottleneck features on their batch mean before the
         normalisation (see :func:`end_terms`); ``False`` gives the paper's
         terms. The defaults (``layer=None``, ``alpha=1``, ``beta=3``,
-        ``center=True``) were chosen on Biased-MNIST (``rho=0.99``,
-        background colour) with :class:`~skdebias.models.SmallCNN`.
+        ``center=True``, ``perp_loss="linear"``) were chosen on Biased-MNIST
+        (``rho=0.99``, background colour) with :class:`~skdebias.models.SmallCNN`.
+    perp_loss : {"linear", "log"}, default="linear"
+        ``alpha * R_perp`` in the loss, or ``-alpha * log(1 - R_perp)``, whose
+        gradient does not vanish as ``R_perp`` nears 1 (see
+        :class:`EnDRegularizer`). A fit whose last epoch averages
+        ``R_perp >= 0.95`` warns with
+        :class:`~skdebias.exceptions.SaturatedPenaltyWarning`.
     criterion : default=torch.nn.CrossEntropyLoss
     train_split : default=ValidSplit(5, stratified=True) (skorch's default);
         ``None`` trains on all data.
@@ -379,7 +434,7 @@ class EnDClassifier(HookedLossMixin, DictInputClassifier):
     (32,)
     """
 
-    hooked_term_names = ("end_perp", "end_par")
+    hooked_term_names = ("end_perp", "end_par", "end_perp_log")
     # the batch-history keys EnD has always had: end_perp / end_par, training batches only
     hooked_history = ("", None)
     hooked_epoch_scores = False
@@ -388,13 +443,14 @@ class EnDClassifier(HookedLossMixin, DictInputClassifier):
                            "now {net.max_epochs})")
 
     def __init__(self, module, *args, layer=None, alpha=1.0, beta=3.0, center=True,
-                 criterion=nn.CrossEntropyLoss, train_split=ValidSplit(5, stratified=True),
-                 **kwargs):
+                 perp_loss="linear", criterion=nn.CrossEntropyLoss,
+                 train_split=ValidSplit(5, stratified=True), **kwargs):
         super().__init__(module, *args, criterion=criterion, train_split=train_split, **kwargs)
         self.layer = layer
         self.alpha = alpha
         self.beta = beta
         self.center = center
+        self.perp_loss = perp_loss
 
     def fit(self, X, y, bias=None, **fit_params):
         """Train on ``X`` with class labels ``y`` and bias labels ``bias``.
@@ -437,4 +493,8 @@ class EnDClassifier(HookedLossMixin, DictInputClassifier):
         if not (isinstance(X, Mapping) and BIAS_KEY in X):
             return None
         return _weighted_end_terms(activations, y_true, X[BIAS_KEY], self.alpha, self.beta,
-                                   self.center)
+                                   self.center, self.perp_loss)
+
+    def on_train_end(self, net, **kwargs):
+        super().on_train_end(net, **kwargs)
+        _warn_saturated(self.history, self.alpha, self.perp_loss)
