@@ -139,10 +139,15 @@ def kept_epoch(net):
 
 
 def recording(category, fn):
-    """``fn()`` and whether it issued a warning of ``category``."""
+    """``fn()`` and whether it issued a warning of ``category``; for a tuple of categories,
+    the sorted names of those it issued (an empty list when none)."""
     import warnings
 
+    categories = category if isinstance(category, tuple) else (category,)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", category)
+        for c in categories:
+            warnings.simplefilter("always", c)
         out = fn()
-    return out, any(issubclass(w.category, category) for w in caught)
+    names = sorted({c.__name__ for c in categories
+                    if any(issubclass(w.category, c) for w in caught)})
+    return out, (names if isinstance(category, tuple) else bool(names))

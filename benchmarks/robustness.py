@@ -15,7 +15,8 @@ the same way (Adam, lr 2e-3, batch 64, 28 px digits) on three biases:
 - ``colour``: ``make_colored_digits(rho=0.99)``. Rows: vanilla, EnD with its defaults
   (``EnDClassifier``, skorch's default validation split, last epoch), EnD with its defaults and
   the EnD authors' epoch selection (the epoch with the best accuracy on 30 % of the training
-  digits recoloured at random, ``make_colored_digits(validation_size=0.3)``), vanilla and EnD
+  digits recoloured at random, ``make_colored_digits(validation_size=0.3)``), the same with
+  ``perp_loss="log"`` (not a default; no EnD target), vanilla and EnD
   with its defaults trained with the EnD authors' schedule (``END_SCHEDULE``; EnD's target is
   then judged against that vanilla), FMD with its defaults (``FastModelDebiaser``), and vanilla
   with its logits divided by ``SOFTENING``: the same decisions, only less confident, which
@@ -67,6 +68,7 @@ from skdebias.exceptions import (
     CleanAccuracyWarning,
     ConfidenceOnlyWarning,
     DivergenceError,
+    SaturatedPenaltyWarning,
     UntrainedNetworkWarning,
 )
 from skdebias.metrics import (artifact_relevance, counterfactual_bias, counterfactual_flip_rate,
@@ -90,6 +92,7 @@ SOFTENING = 4  # temperature of the softened vanilla row (colour bias)
 #: 256, 80 epochs, the learning rate divided by 10 every 20 epochs, best validation epoch.
 END_SCHEDULE = dict(lr=1e-3, optimizer__weight_decay=1e-4, batch_size=256, max_epochs=80)
 SCHEDULE_VANILLA = "vanilla (EnD authors' schedule)"  # EnD's training with alpha = beta = 0
+LOG_END = "EnD (perp_loss='log', best validation epoch)"  # not a default: no EnD target
 TARGETS = {
     "RR no collapse": "no RR-ClArC run ends at chance accuracy or diverges",
     "RR >= reference": "where vanilla loses >= 10 points: recovers at least the reference "
@@ -328,12 +331,15 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                     **(extra or {})}
 
         def fit_end(**kwargs):
-            """EnD with its defaults trained like vanilla (``kwargs`` override the training);
-            whether it warned ChanceLevelWarning."""
+            """EnD with its defaults trained like vanilla (``kwargs`` override the training or
+            the defaults); the row entries of the warnings it issued."""
             torch.manual_seed(seed)
             end = EnDClassifier(copy.deepcopy(module), optimizer=torch.optim.Adam, device=device,
                                 verbose=0, iterator_train__shuffle=True, **{**train, **kwargs})
-            return recording(ChanceLevelWarning, lambda: end.fit(data.X, data.y, bias=data.bias))
+            end, names = recording((ChanceLevelWarning, SaturatedPenaltyWarning),
+                                   lambda: end.fit(data.X, data.y, bias=data.bias))
+            return end, {"warned chance": "ChanceLevelWarning" in names,
+                         "warned saturated": "SaturatedPenaltyWarning" in names}
 
         def authors_schedule(checkpoints):
             """The EnD authors' optimisation and epoch selection (``END_SCHEDULE``, the learning
@@ -353,18 +359,21 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                   "rerun with train_split=None", flush=True)
             name = "EnD (defaults, train_split=None)"
             end, warned = fit_end(train_split=None)
-        end_row = scored(name, end, extra={"warned chance": warned})
-        with tempfile.TemporaryDirectory() as checkpoints:
-            best, warned = fit_end(**epoch_selection(data, "valid", checkpoints, with_bias=True))
-        best_row = scored("EnD (defaults, best validation epoch)", best,
-                          extra={"epoch": kept_epoch(best), "warned chance": warned})
+        end_row = scored(name, end, extra=warned)
+        best_rows = []
+        for name, kw in (("EnD (defaults, best validation epoch)", {}),
+                         (LOG_END, {"perp_loss": "log"})):
+            with tempfile.TemporaryDirectory() as checkpoints:
+                best, warned = fit_end(**epoch_selection(data, "valid", checkpoints,
+                                                         with_bias=True), **kw)
+            best_rows.append(scored(name, best, extra={"epoch": kept_epoch(best), **warned}))
         schedule_rows = []
         for name, weights in ((SCHEDULE_VANILLA, dict(alpha=0.0, beta=0.0)),
                               ("EnD (defaults, EnD authors' schedule)", {})):
             with tempfile.TemporaryDirectory() as checkpoints:
                 est, warned = fit_end(**authors_schedule(checkpoints), **weights)
             schedule_rows.append(scored(name, est, extra={"epoch": kept_epoch(est),
-                                                          "warned chance": warned}))
+                                                          **warned}))
         fmd, warned = recording(ConfidenceOnlyWarning, lambda: FastModelDebiaser(
             net, device=device, random_state=seed).fit(data.X, data.y, X_cf=data.X_cf))
         van = scored("vanilla", net)
@@ -373,7 +382,7 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
         # the same decisions, only less confident: what the bias metric makes of that
         soft = scored(f"vanilla, logits / {SOFTENING}", net,
                       torch.nn.Sequential(copy.deepcopy(net.module_), _Scale(1 / SOFTENING)))
-        rows = [van, end_row, best_row, *schedule_rows, fmd_row, soft]
+        rows = [van, end_row, *best_rows, *schedule_rows, fmd_row, soft]
     else:
         data = make_artifact_digits(target_class=0, p=P_ARTIFACT, artifact=bias,
                                     random_state=seed)
@@ -511,7 +520,7 @@ def summarise(rows):
                 if m.startswith("TCAV"):
                     meets["TCAV sign agrees"] = bool(all(r["sign agrees"] for r in rs))
             else:
-                if m.startswith("EnD"):
+                if m.startswith("EnD (defaults"):
                     # against vanilla trained the same way
                     base = by.get(SCHEDULE_VANILLA, van) if "authors' schedule" in m else van
                     meets["EnD >= vanilla + 5"] = bool(
@@ -525,13 +534,17 @@ def summarise(rows):
             errors = [r["error"] for r in rs if r.get("error")]
             if errors:
                 row["refused"] = f"{len(errors)} of {len(rs)}: {errors[0]}"
+            warned = []
             for key, name in (("warned untrained", "UntrainedNetworkWarning"),
                               ("warned clean accuracy", "CleanAccuracyWarning"),
                               ("warned chance", "ChanceLevelWarning"),
+                              ("warned saturated", "SaturatedPenaltyWarning"),
                               ("warned confidence", "ConfidenceOnlyWarning")):
-                warned = sum(bool(r.get(key)) for r in rs)
-                if warned:
-                    row["warned"] = f"{warned} of {len(rs)}: {name}"
+                n = sum(bool(r.get(key)) for r in rs)
+                if n:
+                    warned.append(f"{n} of {len(rs)}: {name}")
+            if warned:
+                row["warned"] = "; ".join(warned)
             row["meets"] = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in meets.items())
             row["targets"] = meets
             out.append(row)
