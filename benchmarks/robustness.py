@@ -18,12 +18,12 @@ the same way (Adam, lr 2e-3, batch 64, 28 px digits) on three biases:
   digits recoloured at random, ``make_colored_digits(validation_size=0.3)``), the same with
   ``perp_loss="log"`` (not a default; no EnD target), vanilla, EnD with its defaults and EnD with
   ``perp_loss="log"`` trained as in the Biased-MNIST benchmark where EnD's defaults were chosen
-  (``LONG_EPOCHS`` epochs, the best validation epoch; EnD judged against that vanilla), vanilla and EnD
-  with its defaults trained with the EnD authors' schedule (``END_SCHEDULE``; EnD's target is
-  then judged against that vanilla), FMD with its defaults (``FastModelDebiaser``), and vanilla
-  with its logits divided by ``SOFTENING``: the same decisions, only less confident, which
-  lowers the counterfactual bias without any debiasing. Each colour row also gives the prediction flip rate
-  (``counterfactual_flip_rate``), which such softening leaves as it is.
+  (``LONG_EPOCHS`` epochs, the best validation epoch; EnD judged against that vanilla), vanilla
+  and EnD with its defaults trained with the EnD authors' schedule (``END_SCHEDULE``; EnD's
+  target is then judged against that vanilla), FMD with its defaults (``FastModelDebiaser``),
+  and vanilla with its logits divided by ``SOFTENING``: the same decisions, only less confident,
+  which lowers the counterfactual bias without any debiasing. Each colour row also gives the
+  prediction flip rate (``counterfactual_flip_rate``), which such softening leaves as it is.
 
 RR-ClArC's penalty (each variant, and the reference recipe's) is picked by ``GridSearchCV`` on the
 training split only (2-fold, ``make_debias_scorer``: accuracy and removed concept sensitivity on
