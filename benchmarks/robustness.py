@@ -368,31 +368,28 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
             name = "EnD (defaults, train_split=None)"
             end, warned = fit_end(train_split=None)
         end_row = scored(name, end, extra=warned)
-        best_rows = []
-        for name, kw in (("EnD (defaults, best validation epoch)", {}),
-                         (LOG_END, {"perp_loss": "log"})):
+        def kept_row(name, selection=None, **kwargs):
+            """The row of EnD (``kwargs`` as in :func:`fit_end`) trained with the epoch
+            selection ``selection(checkpoints)`` (default: the best validation epoch)."""
             with tempfile.TemporaryDirectory() as checkpoints:
-                best, warned = fit_end(**epoch_selection(data, "valid", checkpoints,
-                                                         with_bias=True), **kw)
-            best_rows.append(scored(name, best, extra={"epoch": kept_epoch(best), **warned}))
+                kw = (selection(checkpoints) if selection is not None else
+                      epoch_selection(data, "valid", checkpoints, with_bias=True))
+                est, warned = fit_end(**kw, **kwargs)
+            return scored(name, est, extra={"epoch": kept_epoch(est), **warned})
+
         long_epochs = LONG_EPOCHS if not quick else 4
-        long_rows = []
-        for name, kw in ((LONG_VANILLA, dict(alpha=0.0, beta=0.0)),
-                         (f"EnD (defaults, {LONG_EPOCHS} epochs, best validation epoch)", {}),
-                         (f"EnD (perp_loss='log', {LONG_EPOCHS} epochs, best validation epoch)",
-                          {"perp_loss": "log"})):
-            with tempfile.TemporaryDirectory() as checkpoints:
-                est, warned = fit_end(**epoch_selection(data, "valid", checkpoints,
-                                                        with_bias=True),
-                                      max_epochs=long_epochs, **kw)
-            long_rows.append(scored(name, est, extra={"epoch": kept_epoch(est), **warned}))
-        schedule_rows = []
-        for name, weights in ((SCHEDULE_VANILLA, dict(alpha=0.0, beta=0.0)),
-                              ("EnD (defaults, EnD authors' schedule)", {})):
-            with tempfile.TemporaryDirectory() as checkpoints:
-                est, warned = fit_end(**authors_schedule(checkpoints), **weights)
-            schedule_rows.append(scored(name, est, extra={"epoch": kept_epoch(est),
-                                                          **warned}))
+        vanilla_weights = dict(alpha=0.0, beta=0.0)
+        selected_rows = [
+            kept_row("EnD (defaults, best validation epoch)"),
+            kept_row(LOG_END, perp_loss="log"),
+            kept_row(LONG_VANILLA, max_epochs=long_epochs, **vanilla_weights),
+            kept_row(f"EnD (defaults, {LONG_EPOCHS} epochs, best validation epoch)",
+                     max_epochs=long_epochs),
+            kept_row(f"EnD (perp_loss='log', {LONG_EPOCHS} epochs, best validation epoch)",
+                     max_epochs=long_epochs, perp_loss="log"),
+            kept_row(SCHEDULE_VANILLA, authors_schedule, **vanilla_weights),
+            kept_row("EnD (defaults, EnD authors' schedule)", authors_schedule),
+        ]
         fmd, warned = recording(ConfidenceOnlyWarning, lambda: FastModelDebiaser(
             net, device=device, random_state=seed).fit(data.X, data.y, X_cf=data.X_cf))
         van = scored("vanilla", net)
@@ -401,7 +398,7 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
         # the same decisions, only less confident: what the bias metric makes of that
         soft = scored(f"vanilla, logits / {SOFTENING}", net,
                       torch.nn.Sequential(copy.deepcopy(net.module_), _Scale(1 / SOFTENING)))
-        rows = [van, end_row, *best_rows, *long_rows, *schedule_rows, fmd_row, soft]
+        rows = [van, end_row, *selected_rows, fmd_row, soft]
     else:
         data = make_artifact_digits(target_class=0, p=P_ARTIFACT, artifact=bias,
                                     random_state=seed)
