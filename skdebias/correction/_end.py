@@ -147,12 +147,13 @@ def _warn_saturated(history, alpha, perp_loss):
     if not alpha or not len(history):
         return
     values = [b["end_perp"] for b in history[-1]["batches"] if "end_perp" in b]
-    if not values or np.mean(values) < SATURATED_PERP:
+    mean = float(np.mean(values)) if values else 0.0
+    if mean < SATURATED_PERP:
         return
     advice = ("set perp_loss='log', whose gradient does not vanish there, or raise alpha"
               if perp_loss == "linear" else "raise alpha")
     warnings.warn(
-        f"EnD's disentangling term R_perp averaged {np.mean(values):.3f} over the last "
+        f"EnD's disentangling term R_perp averaged {mean:.3f} over the last "
         f"training epoch (1: the bottleneck features of each bias group all point one way). "
         f"Its gradient vanishes there, so the regulariser could not remove the bias from "
         f"these features; {advice} (now {alpha}).", SaturatedPenaltyWarning, stacklevel=2)
