@@ -16,7 +16,7 @@ from ._utils._modules import (
     module_device,
     preserve_mode,
 )
-from ._utils._runtime import progress_bar
+from ._utils._runtime import progress_bar, reuse_casts
 from ._utils._validation import check_choice, check_int
 from .base import BaseNetworkEstimator
 
@@ -70,7 +70,8 @@ class ActivationExtractor(TransformerMixin, BaseNetworkEstimator):
         range.
     precision : {"float32", "bfloat16", "float16"}, default="float32"
         Arithmetic of the forward passes (torch autocast); ``"float16"`` needs CUDA. The
-        activations are returned in float32 either way.
+        activations are returned in float32 either way. ``transform`` casts each weight
+        to the precision once for all its batches.
     verbose : int, default=0
         0: silent; 1 or more: progress bars over the long steps (tqdm).
     num_workers : int, default=0
@@ -200,7 +201,8 @@ IterableDataset or dask array
             try:
                 n = len(X)
             except TypeError:  # a stream of unknown length: batches gathered, then joined
-                parts = [a.numpy() for a in self.iter_activations(X)]
+                with reuse_casts(self.precision):
+                    parts = [a.numpy() for a in self.iter_activations(X)]
                 return np.concatenate(parts) if parts else \
                     np.empty((0, *self.output_shape_), dtype=np.float32)
         else:
@@ -211,11 +213,14 @@ IterableDataset or dask array
         elif tuple(out.shape) != expected:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}.")
         start = 0
-        for a in self.iter_activations(X, _checked=True):
-            if start + a.shape[0] > n:
-                raise ValueError(f"X yielded more than its length {n} of samples.")
-            out[start:start + a.shape[0]] = a.numpy()
-            start += a.shape[0]
+        # the weights are cast to the precision once for all batches (the network does not
+        # change while this loop reads it)
+        with reuse_casts(self.precision):
+            for a in self.iter_activations(X, _checked=True):
+                if start + a.shape[0] > n:
+                    raise ValueError(f"X yielded more than its length {n} of samples.")
+                out[start:start + a.shape[0]] = a.numpy()
+                start += a.shape[0]
         if start != n:
             raise ValueError(f"X yielded {start} samples, but its length is {n}.")
         return out

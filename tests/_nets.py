@@ -4,6 +4,7 @@ tests can import them)."""
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class AnyWidth(nn.Module):
@@ -121,3 +122,19 @@ class ViewNet(nn.Module):
     def forward(self, x):
         h = self.conv(x)
         return self.head(h.view(h.shape[0], -1))
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts the float32 -> bfloat16 copies of tensors that require grad (autocast's
+    casts of the weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
+                and args[0].dtype == torch.float32 and args[0].requires_grad:
+            self.n += 1
+        return func(*args, **kwargs)

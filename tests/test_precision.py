@@ -16,6 +16,7 @@ from skdebias.correction import (
     SpuriosityHeadFinetuner,
 )
 from skdebias.metrics import concept_sensitivity
+from skdebias.models import SmallCNN
 
 LAYER = "features.6"
 
@@ -93,3 +94,21 @@ def test_attribution_bfloat16_maps_close_to_float32(artifact_net, small):
     assert cos.mean() >= 0.95
     with pytest.raises(ValueError, match="precision"):
         attribute(artifact_net, X, device="cpu", precision="float64")
+
+
+def test_extractor_casts_the_weights_once_for_all_batches():
+    # autocast's bfloat16 copies of the weights are made once per transform, not per batch
+    from tests._nets import WeightCasts
+
+    torch.manual_seed(0)
+    net = SmallCNN()
+    X = np.random.RandomState(0).rand(12, 3, 28, 28).astype(np.float32)
+    counts = {}
+    for batch_size in (12, 4, 1):
+        ext = ActivationExtractor(net, LAYER, batch_size=batch_size, device="cpu",
+                                  precision="bfloat16").fit(X[:2])
+        with WeightCasts() as counted:
+            ext.transform(X)
+        counts[batch_size] = counted.n
+    assert counts[12] > 0
+    assert counts[4] == counts[1] == counts[12], counts

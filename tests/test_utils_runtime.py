@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from skdebias._utils._runtime import limit_threads, progress_bar, resolve_device, set_seed
+from skdebias._utils._runtime import (autocast, limit_threads, progress_bar, resolve_device,
+                                      reuse_casts, set_seed)
+from tests._nets import WeightCasts
 
 
 def test_resolve_device():
@@ -103,6 +105,54 @@ def test_autocast_float32_is_a_no_op_and_bfloat16_lowers_matmuls():
         out = lin(x)
         assert out.dtype == torch.bfloat16
     assert lin(x).dtype == torch.float32  # restored after the block
+
+
+def _three_blocks(lin, x, precision="bfloat16"):
+    out = []
+    for _ in range(3):
+        with autocast(precision, "cpu"):
+            out.append(lin(x))
+    return out
+
+
+def test_reuse_casts_casts_each_weight_once_and_changes_nothing_else():
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with WeightCasts() as counted:
+        plain = _three_blocks(lin, x)
+    assert counted.n == 6  # weight and bias, once per autocast block
+    with WeightCasts() as counted, reuse_casts("bfloat16"):
+        assert not torch.is_autocast_enabled("cpu")  # enables nothing by itself
+        reused = _three_blocks(lin, x)
+    assert counted.n == 2
+    for a, b in zip(plain, reused):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert torch.equal(a, b)
+    # float32 keeps nothing
+    with WeightCasts() as counted, reuse_casts("float32"):
+        _three_blocks(lin, x)
+    assert counted.n == 6
+
+
+def test_reuse_casts_drops_the_copies_at_its_end():
+    # a weight changed after the block is cast again: no stale low-precision copy survives
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with reuse_casts("bfloat16"):
+        before = _three_blocks(lin, x)[0]
+    with torch.no_grad():
+        lin.weight.mul_(-1)
+    with autocast("bfloat16", "cpu"):
+        after = lin(x)
+    assert not torch.equal(before, after)
+    # leaving the block after an error also drops them
+    with pytest.raises(KeyError), reuse_casts("bfloat16"):
+        _three_blocks(lin, x)
+        raise KeyError
+    with torch.no_grad():
+        lin.weight.mul_(-1)
+    with autocast("bfloat16", "cpu"):
+        assert torch.equal(lin(x), before)
 
 
 def test_grad_scaler_only_for_float16():

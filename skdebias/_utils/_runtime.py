@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 __all__ = ["resolve_device", "set_seed", "progress_bar", "limit_threads", "PRECISIONS",
-           "check_precision", "autocast", "grad_scaler"]
+           "check_precision", "autocast", "reuse_casts", "grad_scaler"]
 
 #: Values of the ``precision`` parameter of the estimators that run a network.
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -115,6 +115,29 @@ def autocast(precision, device):
         return
     with torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, precision)):
         yield
+
+
+@contextlib.contextmanager
+def reuse_casts(precision):
+    """Inside this block, autocast casts each weight to ``precision`` once, not once per batch.
+
+    torch keeps the low-precision copies of the weights that autocast makes (floating-point
+    leaf tensors that require grad) until the outermost autocast block ends; an inference
+    loop that enters one block per batch therefore casts every weight of the network again
+    for every batch. This block counts as an enclosing one without enabling or disabling
+    anything, so the copies are kept from one batch to the next and dropped at its end. The
+    weights must not change inside it: for inference passes only. ``"float32"`` changes
+    nothing.
+    """
+    if precision == "float32":
+        yield
+        return
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
 
 
 def grad_scaler(precision, device):
