@@ -19,18 +19,20 @@ __all__ = ["interleaved", "result_path", "SyntheticImages", "emit", "environment
            "target_class_concept_labels"]
 
 
-def interleaved(funcs, repeats=5, warmup=1):
-    """Median wall time per callable, repetitions interleaved so machine noise hits all alike."""
+def interleaved(funcs, repeats=5, warmup=1, times=None):
+    """Median wall time per callable, repetitions interleaved so machine noise hits all alike
+    (``times``: a dict that receives every repetition's time per callable)."""
     for _ in range(warmup):
         for fn in funcs.values():
             fn()
-    times = {name: [] for name in funcs}
+    times = {} if times is None else times
+    times.update({name: [] for name in funcs})
     for _ in range(repeats):
         for name, fn in funcs.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: float(np.median(times[name])) for name in funcs}
 
 
 def result_path(name):

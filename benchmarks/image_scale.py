@@ -26,7 +26,8 @@
 Run: .venv/bin/python benchmarks/image_scale.py [--quick] [--device cuda]
                                                 [--precisions float32 bfloat16 float16]
                                                 [--only scale fmd spray tcav]
---quick: 64 px, small sets (a smoke run). On the CPU the batch is 8; on CUDA 128 (--batch).
+--quick: 64 px, small sets (a smoke run). On the CPU the batch is 8; on CUDA 128 (--batch),
+16 batches per timing (--n-batches).
 """
 
 from __future__ import annotations
@@ -156,16 +157,19 @@ def scale_row(module, name, layer, X, y, batches, batch, px, precision, device, 
     tol = 5e-3 if precision == "float32" else 5e-2
     assert deviation <= tol, f"{name}: extractor disagrees (max deviation {deviation:.2g})"
     sync = sync_for(device)
+    each = {}
     t = interleaved({"raw": lambda: (raw_forward(module, layer, batches, precision,
                                                  device), sync()),
                      "extractor": lambda: (ext.transform(X), sync())},
-                    repeats=repeats)
+                    repeats=repeats, times=each)
     row = {"model": name, "px": px, "precision": precision, "device": str(device),
            "input": str(X.dtype).replace("torch.", ""),
            "card": device_info(device)["card"], "layer": layer, "batch": batch, "n": len(X),
            "extractor_img_s": len(X) / t["extractor"], "raw_img_s": len(X) / t["raw"],
            "extraction_ratio": t["raw"] / t["extractor"], "repeats": repeats,
-           "max_deviation": deviation}
+           "max_deviation": deviation,
+           "extractor_s_each": [round(v, 5) for v in each["extractor"]],
+           "raw_s_each": [round(v, 5) for v in each["raw"]]}
     if X.dtype != torch.uint8:
         steps = rr_and_ce_steps(module, layer, X[:batch], y[:batch], precision, device)
         s = interleaved(steps, repeats=repeats)
@@ -394,8 +398,8 @@ def logistic_cav_classifier(C):
 # ------------------------------------------------------------------ main
 def merge_with_earlier(rows, payload, run_key):
     """Rows of this run merged with those of earlier runs in image_scale.json (one row per
-    (model, px, precision, device): a new row replaces the old one), and the other sections
-    stored per run kind (``cpu``, ``cuda``, ``cpu_quick``, ...)."""
+    (model, px, precision, device, input, n): a new row replaces the old one), and the other
+    sections stored per run kind (``cpu``, ``cuda``, ``cpu_quick``, ...)."""
     from _common import result_path
 
     old_rows, runs = [], {}
@@ -407,7 +411,8 @@ def merge_with_earlier(rows, payload, run_key):
         pass
 
     def key(r):
-        return r["model"], r["px"], r["precision"], r["device"], r.get("input", "float32")
+        return (r["model"], r["px"], r["precision"], r["device"], r.get("input", "float32"),
+                r.get("n"))
 
     new = {key(r) for r in rows}
     merged = [r for r in old_rows if key(r) not in new] + rows
@@ -431,6 +436,10 @@ def main(argv=None):
                              "both on CUDA)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size of the scale rows (default: 8 on the CPU, 128 on CUDA)")
+    parser.add_argument("--n-batches", type=int, default=None,
+                        help="batches per timing of the scale rows (default: 2 on the CPU, "
+                             "16 on CUDA); throughput includes filling and draining the "
+                             "pipeline once per timing, which weighs less with more batches")
     parser.add_argument("--fmd-case", help=argparse.SUPPRESS)
     parser.add_argument("--spray-case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -446,6 +455,9 @@ def main(argv=None):
     px = 64 if args.quick else 224
     batch = args.batch or (128 if cuda else 8)
     repeats = args.repeats or (3 if args.quick else 5)
+    n_batches = args.n_batches or (16 if cuda else 2)
+    if n_batches < 1:
+        parser.error(f"--n-batches must be at least 1, got {n_batches}")
     payload = {"quick": args.quick, "device_info": device_info(device),
                "environment": environment(), "only": args.only}
     start = time.perf_counter()
@@ -467,7 +479,7 @@ def main(argv=None):
             save_partial()
 
         inputs = args.inputs or (["float32", "uint8"] if cuda else ["float32"])
-        payload["rows"] = scale_rows(args.models, px, batch, 4 if cuda else 2, precisions,
+        payload["rows"] = scale_rows(args.models, px, batch, n_batches, precisions,
                                      device, repeats, on_row=on_row, inputs=inputs)
         payload["checks"] = {
             "extraction_ratio_at_least_0.9": all(r.get("extraction_ratio", 0) >= 0.9
