@@ -197,12 +197,18 @@ IterableDataset or dask array
 
             return transform_dask(self, X)
         X = self._validate_X(X, reset=False, allow_iterable=True)
+        # the weights are cast to the precision once for all batches (the network does not
+        # change while the batches are read)
+        with reuse_casts(self.precision):
+            return self._collect(X, out)
+
+    def _collect(self, X, out):
+        """The activations of a validated ``X``, written into ``out`` (made if ``None``)."""
         if is_iterable_dataset(X):
             try:
                 n = len(X)
             except TypeError:  # a stream of unknown length: batches gathered, then joined
-                with reuse_casts(self.precision):
-                    parts = [a.numpy() for a in self.iter_activations(X)]
+                parts = [a.numpy() for a in self.iter_activations(X, _checked=True)]
                 return np.concatenate(parts) if parts else \
                     np.empty((0, *self.output_shape_), dtype=np.float32)
         else:
@@ -213,14 +219,11 @@ IterableDataset or dask array
         elif tuple(out.shape) != expected:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}.")
         start = 0
-        # the weights are cast to the precision once for all batches (the network does not
-        # change while this loop reads it)
-        with reuse_casts(self.precision):
-            for a in self.iter_activations(X, _checked=True):
-                if start + a.shape[0] > n:
-                    raise ValueError(f"X yielded more than its length {n} of samples.")
-                out[start:start + a.shape[0]] = a.numpy()
-                start += a.shape[0]
+        for a in self.iter_activations(X, _checked=True):
+            if start + a.shape[0] > n:
+                raise ValueError(f"X yielded more than its length {n} of samples.")
+            out[start:start + a.shape[0]] = a.numpy()
+            start += a.shape[0]
         if start != n:
             raise ValueError(f"X yielded {start} samples, but its length is {n}.")
         return out
