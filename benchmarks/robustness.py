@@ -368,6 +368,7 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
             name = "EnD (defaults, train_split=None)"
             end, warned = fit_end(train_split=None)
         end_row = scored(name, end, extra=warned)
+
         def kept_row(name, selection=None, **kwargs):
             """The row of EnD (``kwargs`` as in :func:`fit_end`) trained with the epoch
             selection ``selection(checkpoints)`` (default: the best validation epoch)."""
