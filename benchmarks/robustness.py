@@ -11,7 +11,8 @@ the same way (Adam, lr 2e-3, batch 64, 28 px digits) on three biases:
   below from its formulas (every Linear layer trains, conv/BatchNorm frozen, SGD momentum 0.9,
   gradient-norm clipping at 100, pattern CAV on the class's correctly predicted samples); P-ClArC;
   SpRAy (silhouette default and eigengap) on class 0; TCAV (Kim et al.) against captum's TCAV
-  (or a hand computation without captum) on the artifact concept.
+  (the mean of ``CAPTUM_REPEATS`` runs, each with its own random split for the CAVs; a hand
+  computation without captum) on the artifact concept.
 - ``colour``: ``make_colored_digits(rho=0.99)``. Rows: vanilla, EnD with its defaults
   (``EnDClassifier``, skorch's default validation split, last epoch), EnD with its defaults and
   the EnD authors' epoch selection (the epoch with the best accuracy on 30 % of the training
@@ -20,7 +21,9 @@ the same way (Adam, lr 2e-3, batch 64, 28 px digits) on three biases:
   ``perp_loss="log"`` trained as in the Biased-MNIST benchmark where EnD's defaults were chosen
   (``LONG_EPOCHS`` epochs, the best validation epoch; EnD judged against that vanilla), vanilla
   and EnD with its defaults trained with the EnD authors' schedule (``END_SCHEDULE``; EnD's
-  target is then judged against that vanilla), FMD with its defaults (``FastModelDebiaser``),
+  target is then judged against that vanilla), ``GroupBalancedClassifier`` trained like that
+  15-epoch vanilla (the bias labels used by reweighting alone: what they buy on this data; no
+  target), FMD with its defaults (``FastModelDebiaser``),
   and vanilla with its logits divided by ``SOFTENING``: the same decisions, only less confident,
   which lowers the counterfactual bias without any debiasing. Each colour row also gives the
   prediction flip rate (``counterfactual_flip_rate``), which such softening leaves as it is.
@@ -34,13 +37,18 @@ Acceptance targets (per (architecture, bias) row, mean over the seeds) are in ``
 row of the summary has a "meets" column per target that applies (``None`` where it does not).
 
 Run: .venv/bin/python benchmarks/robustness.py [--quick] [--jobs N] [--device cpu|cuda]
-     [--seeds 0 1 2] [--archs small_cnn vgg_bn resnet gap_cnn]
+     [--seeds 0 1 2] [--archs small_cnn vgg_bn resnet gap_cnn] [--cache-dir DIR]
+
+With ``--cache-dir`` each configuration's rows are written to a file of their own as soon as they
+are done, and the files found there are read instead of training again: a run that was stopped
+resumes where it stopped, and configurations run on different machines can be put together.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import tempfile
 import time
@@ -63,6 +71,7 @@ from skdebias.correction import (
     EnDClassifier,
     FastModelDebiaser,
     GradientPenaltyCorrector,
+    GroupBalancedClassifier,
 )
 from skdebias.datasets import make_artifact_digits, make_colored_digits
 from skdebias.exceptions import (
@@ -76,6 +85,7 @@ from skdebias.exceptions import (
 from skdebias.metrics import (artifact_relevance, counterfactual_bias, counterfactual_flip_rate,
                               make_debias_scorer)
 from skdebias.models import ZOO, make_classifier, make_zoo_model
+from skdebias.report import write_json
 
 ARCHS = tuple(ZOO)
 BIASES = ("patch", "timestamp", "colour")
@@ -89,6 +99,8 @@ RR = dict(max_epochs=3, lr=2e-3, optimizer=torch.optim.SGD)
 PENALTIES = [1e2, 1e4, 1e6]
 CV_FOLDS = 2
 TCAV_RANDOM = 6
+#: captum's TCAV is run this many times (its CAVs are fitted on random splits) and averaged
+CAPTUM_REPEATS = 5
 SOFTENING = 4  # temperature of the softened vanilla row (colour bias)
 #: The EnD authors' optimisation (Biased-MNIST script): Adam, lr 1e-3, weight decay 1e-4, batch
 #: 256, 80 epochs, the learning rate divided by 10 every 20 epochs, best validation epoch.
@@ -99,6 +111,7 @@ LOG_END = "EnD (perp_loss='log', best validation epoch)"  # not a default: no En
 #: 15 epochs, the best epoch on the validation split.
 LONG_EPOCHS = 15
 LONG_VANILLA = f"vanilla ({LONG_EPOCHS} epochs, best validation epoch)"
+BALANCED = f"group-balanced weights ({LONG_EPOCHS} epochs, best validation epoch)"
 #: the vanilla each EnD row is judged against (default: ``"vanilla"``), by a part of its name
 END_BASELINES = {"authors' schedule": SCHEDULE_VANILLA, f"{LONG_EPOCHS} epochs": LONG_VANILLA}
 TARGETS = {
@@ -265,8 +278,13 @@ def _fit_or_collapse(make, data, c):
     return recording(UntrainedNetworkWarning, fit)
 
 
-def _captum_tcav(module, layer, X, concept_X, random_sets, target, device):
-    """captum's TCAV sign count of the concept (mean over the random sets), or None."""
+def _captum_tcav(module, layer, X, concept_X, random_sets, target, device, seed=0):
+    """captum's TCAV sign count of the concept (mean over the random sets) in each of
+    ``CAPTUM_REPEATS`` runs, or None without captum.
+
+    captum fits every CAV with SGD on a random two thirds of the images, so one run's score
+    varies: each run gets its own split and SGD order (seeded from ``seed``; the global random
+    states are restored afterwards)."""
     try:
         from captum.concept import TCAV, Concept
     except ImportError:
@@ -279,12 +297,23 @@ def _captum_tcav(module, layer, X, concept_X, random_sets, target, device):
     module = copy.deepcopy(module).cpu().eval()
     concept = Concept(0, "artifact", loader(concept_X))
     randoms = [Concept(i + 1, f"random{i}", loader(R)) for i, R in enumerate(random_sets)]
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tcav = TCAV(module, layers=[layer], save_path=tmp + os.sep)
-        out = tcav.interpret(torch.as_tensor(X),
-                             experimental_sets=[[concept, r] for r in randoms], target=target)
-    return float(np.mean([float(v[layer]["sign_count"][0]) for v in out.values()]))
+    scores = []
+    np_state = np.random.get_state()
+    try:
+        for rep in range(CAPTUM_REPEATS):
+            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
+                    torch.random.fork_rng():
+                warnings.simplefilter("ignore")
+                torch.manual_seed(1000 * seed + rep)
+                np.random.seed(1000 * seed + rep)  # the SGD order of captum's classifier
+                tcav = TCAV(module, layers=[layer], save_path=tmp + os.sep)
+                out = tcav.interpret(torch.as_tensor(X), target=target,
+                                     experimental_sets=[[concept, r] for r in randoms])
+            scores.append(float(np.mean([float(v[layer]["sign_count"][0])
+                                         for v in out.values()])))
+    finally:
+        np.random.set_state(np_state)
+    return scores
 
 
 def _hand_tcav(module, layer, X, concept_X, random_sets, target, device):
@@ -391,6 +420,17 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
             kept_row(SCHEDULE_VANILLA, authors_schedule, **vanilla_weights),
             kept_row("EnD (defaults, EnD authors' schedule)", authors_schedule),
         ]
+        # the bias labels used by reweighting alone, trained like the 15-epoch vanilla
+        with tempfile.TemporaryDirectory() as checkpoints:
+            torch.manual_seed(seed)
+            balanced = GroupBalancedClassifier(
+                copy.deepcopy(module), optimizer=torch.optim.Adam, device=device, verbose=0,
+                iterator_train__shuffle=True, **{**train, "max_epochs": long_epochs},
+                **epoch_selection(data, "valid", checkpoints, with_bias=True))
+            balanced, warned = recording(ChanceLevelWarning,
+                                         lambda: balanced.fit(data.X, data.y, bias=data.bias))
+        selected_rows.append(scored(BALANCED, balanced, extra={"epoch": kept_epoch(balanced),
+                                                               "warned chance": warned}))
         fmd, warned = recording(ConfidenceOnlyWarning, lambda: FastModelDebiaser(
             net, device=device, random_state=seed).fit(data.X, data.y, X_cf=data.X_cf))
         van = scored("vanilla", net)
@@ -471,16 +511,51 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
         for name, X in (("TCAV clean", X0), ("TCAV attacked", data.add_artifact(X0))):
             ours = tcav_score(net, X, conv, concept_X, random_sets, target=0, random_state=seed)
             module_ = net.module_.eval()
-            ref = _captum_tcav(module_, conv, X, concept_X, random_sets, 0, device)
+            runs = _captum_tcav(module_, conv, X, concept_X, random_sets, 0, device, seed)
             ref_name = "captum"
-            if ref is None:
-                ref, ref_name = _hand_tcav(module_, conv, X, concept_X, random_sets, 0,
-                                           device), "hand"
-            rows.append({"method": name, "tcav": float(ours.mean), "reference tcav": ref,
-                         "reference": ref_name, "sign agrees": (ours.mean > 0.5) == (ref > 0.5)})
+            if runs is None:
+                runs, ref_name = [_hand_tcav(module_, conv, X, concept_X, random_sets, 0,
+                                             device)], "hand"
+            ref = float(np.mean(runs))
+            side = ours.mean > 0.5
+            rows.append({"method": name, "tcav": float(ours.mean), "p value": ours.p_value,
+                         "reference tcav": ref, "reference": ref_name,
+                         "reference runs": runs,
+                         # the share of the reference's runs on the same side of 0.5 as ours
+                         "reference runs agreeing": float(np.mean([(r > 0.5) == side
+                                                                   for r in runs])),
+                         "sign agrees": side == (ref > 0.5)})
     seconds = time.perf_counter() - start
     return [dict(base, **r, **({"config s": seconds} if i == 0 else {}))
             for i, r in enumerate(rows)]
+
+
+def settings(quick=False):
+    """Everything a configuration's rows depend on besides the code, as JSON values."""
+    return {"train": TRAIN, "rr": {k: str(v) for k, v in RR.items()}, "penalties": PENALTIES,
+            "p_artifact": P_ARTIFACT, "rho": RHO, "quick": bool(quick)}
+
+
+def run_cached(cache_dir, arch, bias, seed, quick=False, device="cpu"):
+    """:func:`run_config`, its rows kept in ``cache_dir`` (one JSON file per configuration and
+    device) and read from there when a file with the same settings exists."""
+    if cache_dir is None:
+        return run_config(arch, bias, seed, quick, device)
+    tag = "".join(ch if ch.isalnum() else "-" for ch in str(device))
+    path = os.path.join(cache_dir, f"{arch}-{bias}-seed{seed}-{tag}{'-quick' if quick else ''}"
+                                   ".json")
+    wanted = json.loads(json.dumps(settings(quick)))
+    if os.path.exists(path):
+        with open(path) as fh:
+            payload = json.load(fh)
+        if payload.get("settings") == wanted:
+            # JSON has no NaN: the files hold null where a row had NaN
+            return [{k: float("nan") if v is None else v for k, v in row.items()}
+                    for row in payload["rows"]]
+        print(f"{path}: other settings, run again", flush=True)
+    rows = run_config(arch, bias, seed, quick, device)
+    write_json(path, {"settings": wanted, "device": str(device), "rows": rows})
+    return rows
 
 
 # ------------------------------------------------------------------ summary and targets
@@ -505,7 +580,7 @@ def summarise(rows):
             row = {"arch": arch, "bias": bias, "method": m, "seeds": len(rs)}
             for key in ("clean acc", "attacked acc", "biased acc", "unbiased acc", "cf bias",
                         "flip rate", "relevance share", "clusters", "ARI", "confidence", "tcav",
-                        "reference tcav"):
+                        "reference tcav", "reference runs agreeing"):
                 if any(key in r for r in rs):
                     row[key] = _mean(rs, key)
             if m.startswith("RR-ClArC") or m == "reference recipe":
@@ -599,6 +674,9 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes over (architecture, bias, seed) configurations")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", default=None,
+                        help="keep each configuration's rows in this folder and reuse those "
+                             "found there (delete it after changing the code)")
     args = parser.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     archs = args.archs or (["small_cnn", "vgg_bn"] if args.quick else list(ARCHS))
@@ -612,15 +690,17 @@ def main(argv=None):
         from joblib import Parallel, delayed
 
         parts = Parallel(n_jobs=args.jobs)(
-            delayed(run_config)(a, b, s, args.quick, args.device) for a, b, s in configs)
+            delayed(run_cached)(args.cache_dir, a, b, s, args.quick, args.device)
+            for a, b, s in configs)
     else:
-        parts = [run_config(a, b, s, args.quick, args.device) for a, b, s in configs]
+        parts = [run_cached(args.cache_dir, a, b, s, args.quick, args.device)
+                 for a, b, s in configs]
     rows = [r for part in parts for r in part]
     wall = time.perf_counter() - start
     summary = summarise(rows)
     columns = ["arch", "bias", "method", "clean acc", "attacked acc", "loss recovered",
                "relevance share", "clusters", "ARI", "confidence", "tcav", "reference tcav",
-               "meets", "refused", "warned"]
+               "reference runs agreeing", "meets", "refused", "warned"]
     colour_columns = ["arch", "bias", "method", "biased acc", "unbiased acc", "cf bias",
                       "flip rate", "bias cut", "meets", "warned"]
     table = [{k: s.get(k) for k in columns} for s in summary if s["bias"] != "colour"]
@@ -644,11 +724,10 @@ def main(argv=None):
                f"{', '.join(biases)}; seeds {seeds}), means over seeds; {wall:.0f} s wall, "
                f"{args.jobs} job(s), device {args.device}" + (" [--quick]" if args.quick else ""),
          columns=columns,
-         extra={"colour": colour, "runs": rows, "summary": [{k: v for k, v in s.items() if k != "targets"}
-                                          for s in summary],
+         extra={"colour": colour, "runs": rows,
+                "summary": [{k: v for k, v in s.items() if k != "targets"} for s in summary],
                 "targets": TARGETS, "overall": totals, "wall s": wall, "quick": args.quick,
-                "settings": {"train": TRAIN, "rr": {k: str(v) for k, v in RR.items()},
-                             "penalties": PENALTIES, "p_artifact": P_ARTIFACT, "rho": RHO}},
+                "settings": settings(args.quick), "cache dir": args.cache_dir},
          floatfmt=".2f")
     return 0
 
