@@ -367,12 +367,13 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                     "flip rate": counterfactual_flip_rate(network, data.X_test, data.X_test_cf),
                     **(extra or {})}
 
-        def fit_end(**kwargs):
-            """EnD with its defaults trained like vanilla (``kwargs`` override the training or
-            the defaults); the row entries of the warnings it issued."""
+        def fit_end(cls=EnDClassifier, **kwargs):
+            """``cls`` (EnD with its defaults, or another classifier that takes the bias labels)
+            trained like vanilla (``kwargs`` override the training or the defaults); the row
+            entries of the warnings it issued."""
             torch.manual_seed(seed)
-            end = EnDClassifier(copy.deepcopy(module), optimizer=torch.optim.Adam, device=device,
-                                verbose=0, iterator_train__shuffle=True, **{**train, **kwargs})
+            end = cls(copy.deepcopy(module), optimizer=torch.optim.Adam, device=device,
+                      verbose=0, iterator_train__shuffle=True, **{**train, **kwargs})
             end, names = recording((ChanceLevelWarning, SaturatedPenaltyWarning),
                                    lambda: end.fit(data.X, data.y, bias=data.bias))
             return end, {"warned chance": "ChanceLevelWarning" in names,
@@ -419,18 +420,9 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                      max_epochs=long_epochs, perp_loss="log"),
             kept_row(SCHEDULE_VANILLA, authors_schedule, **vanilla_weights),
             kept_row("EnD (defaults, EnD authors' schedule)", authors_schedule),
+            # the bias labels used by reweighting alone, trained like the 15-epoch vanilla
+            kept_row(BALANCED, cls=GroupBalancedClassifier, max_epochs=long_epochs),
         ]
-        # the bias labels used by reweighting alone, trained like the 15-epoch vanilla
-        with tempfile.TemporaryDirectory() as checkpoints:
-            torch.manual_seed(seed)
-            balanced = GroupBalancedClassifier(
-                copy.deepcopy(module), optimizer=torch.optim.Adam, device=device, verbose=0,
-                iterator_train__shuffle=True, **{**train, "max_epochs": long_epochs},
-                **epoch_selection(data, "valid", checkpoints, with_bias=True))
-            balanced, warned = recording(ChanceLevelWarning,
-                                         lambda: balanced.fit(data.X, data.y, bias=data.bias))
-        selected_rows.append(scored(BALANCED, balanced, extra={"epoch": kept_epoch(balanced),
-                                                               "warned chance": warned}))
         fmd, warned = recording(ConfidenceOnlyWarning, lambda: FastModelDebiaser(
             net, device=device, random_state=seed).fit(data.X, data.y, X_cf=data.X_cf))
         van = scored("vanilla", net)
