@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import numpy as np
@@ -18,31 +19,83 @@ __all__ = ["attribute", "ATTRIBUTION_METHODS", "resolve_composite"]
 ATTRIBUTION_METHODS = ("lrp", "gradient_x_input", "gradient")
 
 
-def resolve_composite(composite, canonizers=None):
-    """A zennit composite instance from a name, class or instance.
+_BOUNDS = ("low", "high")
 
-    Names may be zennit's registry names (``"epsilon_plus_flat"``) or class
-    names (``"EpsilonPlusFlat"``). A name or class is built with
-    ``canonizers`` (a list of zennit canonizers, or None); an instance is
-    returned as it is, with its own canonizers.
-    """
+
+def _composite_class(composite):
+    """The zennit composite class named or given by ``composite`` (None for an instance)."""
     from zennit import composites as zc
 
     if isinstance(composite, zc.Composite):
-        return composite
+        return None
     if isinstance(composite, type) and issubclass(composite, zc.Composite):
-        return composite(canonizers=canonizers)
+        return composite
     if isinstance(composite, str):
         if composite in zc.COMPOSITES:
-            return zc.COMPOSITES[composite](canonizers=canonizers)
+            return zc.COMPOSITES[composite]
         by_class = {cls.__name__: cls for cls in zc.COMPOSITES.values()}
         if composite in by_class:
-            return by_class[composite](canonizers=canonizers)
+            return by_class[composite]
         raise ValueError(
             f"Unknown zennit composite {composite!r}; choose one of "
             f"{sorted(by_class)} or {sorted(zc.COMPOSITES)}."
         )
-    raise ValueError(f"composite must be a name, a zennit Composite class or instance; got {composite!r}.")
+    raise ValueError(f"composite must be a name, a zennit Composite class or instance; "
+                     f"got {composite!r}.")
+
+
+def _needs_bounds(composite):
+    """Whether the zennit composite ``composite`` (name or class) needs the input's bounds.
+
+    Composites with a box rule for the first layer (``EpsilonGammaBox``) take
+    the lowest and highest input values (``low``, ``high``).
+    """
+    cls = _composite_class(composite)
+    if cls is None:
+        return False
+    params = inspect.signature(cls.__init__).parameters
+    return all(name in params and params[name].default is inspect.Parameter.empty
+               for name in _BOUNDS)
+
+
+def resolve_composite(composite, canonizers=None, bounds=None):
+    """A zennit composite instance from a name, class or instance.
+
+    Names may be zennit's registry names (``"epsilon_plus_flat"``) or class
+    names (``"EpsilonPlusFlat"``). A name or class is built with
+    ``canonizers`` (a list of zennit canonizers, or None) and, for a composite
+    with a box rule (``EpsilonGammaBox``), with ``bounds=(low, high)``: the
+    lowest and highest input values (floats, or tensors that broadcast against
+    the input). An instance is returned as it is, with its own canonizers.
+    """
+    cls = _composite_class(composite)
+    if cls is None:
+        return composite
+    if not _needs_bounds(cls):
+        return cls(canonizers=canonizers)
+    if bounds is None:
+        raise ValueError(
+            f"The zennit composite {cls.__name__} needs the lowest and highest input values "
+            f"(its first layer uses the box rule); pass bounds=(low, high), or pass an "
+            f"instance such as {cls.__name__}(low=0.0, high=1.0).")
+    low, high = bounds
+    return cls(low=low, high=high, canonizers=canonizers)
+
+
+def _input_bounds(X, batch_size=128, device=None):
+    """Per-channel lowest and highest values of ``X``, shaped ``(1, C, 1, 1)``.
+
+    One pass over ``X`` in batches, so the memory used is bounded by a batch;
+    for 2-d input ``(n, n_features)`` the bounds are per feature, ``(1, n_features)``.
+    """
+    low = high = None
+    for xb in iter_batches(X, batch_size=batch_size, device=device):
+        dims = [0] + list(range(2, xb.ndim))
+        lo = xb.amin(dim=dims, keepdim=True)
+        hi = xb.amax(dim=dims, keepdim=True)
+        low = lo if low is None else torch.minimum(low, lo)
+        high = hi if high is None else torch.maximum(high, hi)
+    return low, high
 
 
 def _auto_canonizers(module):
@@ -143,7 +196,12 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
         network it falls back to gradient x input with a warning.
     composite : str, zennit Composite class or instance, default="EpsilonPlusFlat"
         A name or class is built with ``canonizers``; an instance is used as it
-        is (with the canonizers it was built with, if any).
+        is (with the canonizers it was built with, if any). A composite with a
+        box rule for the first layer (``"EpsilonGammaBox"``) given by name or
+        class gets the lowest and highest value of each input channel over
+        ``X`` as its bounds; pass an instance to set
+        them yourself, e.g. ``EpsilonGammaBox(low=0.0, high=1.0)`` for images
+        in [0, 1].
     batch_size : int, default=64
     device : str, default="auto"
     reduce_channels : bool, default=True
@@ -204,7 +262,8 @@ def attribute(estimator, X, target=None, method="lrp", composite="EpsilonPlusFla
     if method == "lrp":
         if isinstance(canonizers, str):  # "auto"
             canonizers = _auto_canonizers(module)
-        comp = resolve_composite(composite, canonizers=canonizers)
+        bounds = _input_bounds(X, batch_size, dev) if _needs_bounds(composite) else None
+        comp = resolve_composite(composite, canonizers=canonizers, bounds=bounds)
     out = None
     start = 0
     with preserve_mode(module, train=False):

@@ -116,6 +116,36 @@ def test_resolve_composite():
         resolve_composite(3)
 
 
+def test_resolve_composite_with_bounds():
+    from zennit.composites import EpsilonGammaBox
+
+    with pytest.raises(ValueError, match=r"EpsilonGammaBox needs the lowest and highest input "
+                                         r"values .* pass bounds=\(low, high\)"):
+        resolve_composite("EpsilonGammaBox")
+    comp = resolve_composite("epsilon_gamma_box", bounds=(0.0, 1.0))
+    assert isinstance(comp, EpsilonGammaBox)
+
+
+def test_attribute_box_composite_takes_the_data_bounds():
+    """A box composite by name gets each input channel's range over X, as an instance would."""
+    from zennit.composites import EpsilonGammaBox
+
+    net = _conv_net()
+    X = np.random.RandomState(0).rand(5, 3, 8, 8).astype(np.float32)
+    X[:, 1] = X[:, 1] * 4 - 2  # another range in one channel
+    low = torch.as_tensor(X.min(axis=(0, 2, 3))).reshape(1, 3, 1, 1)
+    high = torch.as_tensor(X.max(axis=(0, 2, 3))).reshape(1, 3, 1, 1)
+    R = attribute(net, X, target=0, composite="EpsilonGammaBox", batch_size=2, device="cpu",
+                  canonizers=None)
+    ref = attribute(net, X, target=0, composite=EpsilonGammaBox(low=low, high=high),
+                    device="cpu", canonizers=None)
+    wrong = attribute(net, X, target=0, composite=EpsilonGammaBox(low=-5.0, high=5.0),
+                      device="cpu", canonizers=None)
+    assert np.isfinite(R).all()
+    np.testing.assert_allclose(R, ref, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(R, wrong, rtol=1e-3, atol=1e-5)
+
+
 def test_attribute_method_error():
     with pytest.raises(ValueError, match=r"method='saliency' is not valid; choose one of "
                                          r"\('lrp', 'gradient_x_input', 'gradient'\)"):
