@@ -1,7 +1,8 @@
 """Exceptions and warnings that skdebias raises."""
 
 __all__ = ["ChanceLevelWarning", "CleanAccuracyWarning", "ConfidenceOnlyWarning",
-           "DivergenceError", "SaturatedPenaltyWarning", "UntrainedNetworkWarning"]
+           "DivergenceError", "SaturatedPenaltyWarning", "UntrainedNetworkWarning",
+           "WeakClustersWarning"]
 
 
 class DivergenceError(RuntimeError):
@@ -103,5 +104,23 @@ class SaturatedPenaltyWarning(UserWarning):
     --------
     >>> from skdebias.exceptions import SaturatedPenaltyWarning
     >>> issubclass(SaturatedPenaltyWarning, UserWarning)
+    True
+    """
+
+
+class WeakClustersWarning(UserWarning):
+    """A class's attribution maps were split into clusters that barely separate.
+
+    ``SpectralRelevanceAnalysis`` keeps the partition of each class with the best mean
+    silhouette on the maps (its ``confidence_``). Below 0.25 the clusters most often cut one
+    continuous strategy (more or less relevance on one region) rather than separate distinct
+    ones, and a cluster used as concept labels need not match the images that show an
+    artifact. The message names the classes and their confidence, and the parameters that give
+    another partition (``n_clusters``, ``map_size``, ``composite``).
+
+    Examples
+    --------
+    >>> from skdebias.exceptions import WeakClustersWarning
+    >>> issubclass(WeakClustersWarning, UserWarning)
     True
     """

@@ -14,6 +14,7 @@ from torch import nn  # noqa: E402
 from _nets import AnyWidth  # noqa: E402
 from skdebias import ActivationExtractor, CAVEstimator, SpectralRelevanceAnalysis  # noqa: E402
 from skdebias.detection import spectral_embedding_eigengap  # noqa: E402
+from skdebias.exceptions import WeakClustersWarning  # noqa: E402
 from skdebias.plotting import plot_spray_embedding  # noqa: E402
 
 
@@ -205,3 +206,46 @@ def test_silhouette_keeps_one_cluster_without_structure_and_honours_n_clusters()
     assert fixed.n_clusters_[0] == 3
     with pytest.raises(ValueError, match="cluster_selection"):
         SpectralRelevanceAnalysis(net, cluster_selection="gap").fit(X[:, :4], np.zeros(60, int))
+
+
+def test_a_weak_partition_warns_and_a_clear_one_does_not():
+    import warnings
+
+    # one continuous strategy: maps scattered around a single direction
+    rng = np.random.RandomState(0)
+    X = (rng.randn(60, 6) + 3).astype("float32")
+    net = nn.Linear(6, 2)
+    nn.init.ones_(net.weight)
+    with pytest.warns(WeakClustersWarning,
+                      match=r"class 0: \d clusters, confidence 0\.[0-2]\d.*set n_clusters, "
+                            r"map_size or composite"):
+        weak = SpectralRelevanceAnalysis(net, method="gradient_x_input",
+                                         random_state=0).fit(X, np.zeros(60, int))
+    assert weak.n_clusters_[0] > 1 and weak.confidence_[0] < 0.25
+    net, X, y, _ = two_strategies()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WeakClustersWarning)
+        clear = SpectralRelevanceAnalysis(net, method="gradient_x_input", n_neighbors=5,
+                                          random_state=0).fit(X, y)
+    assert clear.n_clusters_[0] == 2 and clear.confidence_[0] >= 0.25
+
+
+def test_default_composite_keeps_a_timestamp_strategy_apart():
+    """LRP with the z+ rule in the first layer (the default) separates the timestamp images of
+    a SmallCNN whose flat-first-layer maps the best partition does not separate."""
+    from skdebias.datasets import make_artifact_digits
+    from skdebias.models import make_classifier, make_zoo_model
+
+    module, _, _ = make_zoo_model("small_cnn", random_state=1)
+    data = make_artifact_digits(target_class=0, p=0.7, artifact="timestamp", random_state=1)
+    net = make_classifier(module, device="cpu", random_state=1, max_epochs=6, lr=2e-3,
+                          batch_size=64).fit(data.X, data.y)
+    idx = np.flatnonzero(data.y == 0)
+    art = data.concept[idx] == 1
+    kw = dict(classes=[0], device="cpu", random_state=1)
+    default = SpectralRelevanceAnalysis(net, **kw).fit(data.X, data.y)
+    ari = adjusted_rand_score(art, default.labels_[idx])
+    flat = SpectralRelevanceAnalysis(net, composite="EpsilonPlusFlat", **kw).fit(data.X, data.y)
+    assert default.n_clusters_[0] == 2 and ari >= 0.8, ari
+    assert ari > adjusted_rand_score(art, flat.labels_[idx])
+
