@@ -195,6 +195,22 @@ def test_audit_report_has_every_section_and_inline_figures(audit_parts, tmp_path
     assert "corrected_heatmaps_relevance.png" in [os.path.basename(p) for p in paths]
 
 
+def test_audit_report_says_which_classes_barely_separate(audit_parts):
+    import copy
+
+    p = audit_parts
+    assert all(p.spray.confidence_[c] < 0.25 for c in (0, 1))
+    html = AuditReport(p.net, p.X, p.y, spray=p.spray, class_names=["zero", "one"]).to_html()
+    assert "The clusters of zero, one barely separate (confidence below 0.25)" in html
+    spray = copy.copy(p.spray)
+    spray.confidence_ = {0: 0.6, 1: p.spray.confidence_[1]}
+    html = AuditReport(p.net, p.X, p.y, spray=spray, class_names=["zero", "one"]).to_html()
+    assert "The clusters of one barely separate" in html
+    spray.confidence_ = {0: 0.6, 1: 0.3}
+    html = AuditReport(p.net, p.X, p.y, spray=spray, class_names=["zero", "one"]).to_html()
+    assert "barely separate" not in html
+
+
 def test_audit_report_leaves_out_sections_without_data_with_a_note():
     html = AuditReport().to_html()
     for id_, title in AuditReport.SECTIONS:
