@@ -81,6 +81,7 @@ from skdebias.exceptions import (
     DivergenceError,
     SaturatedPenaltyWarning,
     UntrainedNetworkWarning,
+    WeakClustersWarning,
 )
 from skdebias.metrics import (artifact_relevance, counterfactual_bias, counterfactual_flip_rate,
                               make_debias_scorer)
@@ -484,12 +485,13 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
         share = artifact_relevance(net, data.X[idx0][art][:100], data.artifact_mask, target=0,
                                    device=device)
         for selection in ("silhouette", "eigengap"):
-            sp = SpectralRelevanceAnalysis(net, classes=[0], cluster_selection=selection,
-                                           device=device, random_state=seed).fit(data.X, data.y)
+            sp, warned = recording(WeakClustersWarning, lambda: SpectralRelevanceAnalysis(
+                net, classes=[0], cluster_selection=selection, device=device,
+                random_state=seed).fit(data.X, data.y))
             rows.append({"method": f"SpRAy ({selection})", "relevance share": share,
                          "clusters": sp.n_clusters_[0],
                          "ARI": adjusted_rand_score(art, sp.labels_[idx0]),
-                         "confidence": sp.confidence_[0]})
+                         "confidence": sp.confidence_[0], "warned weak clusters": warned})
         # TCAV of the artifact for class 0: concept = other-class test images with the artifact
         rng = np.random.RandomState(seed)
         others = np.flatnonzero(data.y_test != 0)
@@ -624,7 +626,8 @@ def summarise(rows):
                               ("warned clean accuracy", "CleanAccuracyWarning"),
                               ("warned chance", "ChanceLevelWarning"),
                               ("warned saturated", "SaturatedPenaltyWarning"),
-                              ("warned confidence", "ConfidenceOnlyWarning")):
+                              ("warned confidence", "ConfidenceOnlyWarning"),
+                              ("warned weak clusters", "WeakClustersWarning")):
                 n = sum(bool(r.get(key)) for r in rs)
                 if n:
                     warned.append(f"{n} of {len(rs)}: {name}")

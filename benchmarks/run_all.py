@@ -13,8 +13,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ["extraction", "cav", "artifact_strength", "correction", "divergence", "spuriosity",
-           "colored_digits", "biased_mnist", "fmd_scale", "robustness", "image_scale",
-           "cuda_check", "scale_out"]
+           "colored_digits", "biased_mnist", "fmd_scale", "robustness", "spray_seeds",
+           "image_scale", "cuda_check", "scale_out"]
 
 
 def main(argv=None):

@@ -1,0 +1,152 @@
+"""SpRAy over many seeds of the zoo: how often its clusters match a local artifact.
+
+Configuration (why): each zoo network of ``robustness.py`` trained the same way (``TRAIN``) on
+``make_artifact_digits`` with a patch or a timestamp in ``P_ARTIFACT`` of class 0, one network per
+seed. On each, ``SpectralRelevanceAnalysis`` with its defaults analyses the training images of
+class 0, once per LRP composite in ``COMPOSITES`` (the default ``"EpsilonPlus"``, and
+``"EpsilonPlusFlat"``, which differs in the first layer only). A run *applies* when the artifact
+holds at least 10 % of the relevance on the artifact images (``artifact_relevance`` with its
+defaults, the yardstick of ``robustness.py``) and *meets* the target when SpRAy finds at least
+2 clusters with ARI >= 0.8 against the artifact labels. ``WeakClustersWarning`` is recorded per
+run. Three seeds per row, as in ``robustness.py``, say little about a criterion judged run by
+run: this benchmark counts over many.
+
+Rows: per network, artifact and composite, the runs, the runs that apply, the runs that meet
+the target among them, the misses that warned, and the runs that matched the artifact but
+warned. A last table counts the runs where the two composites disagree.
+
+Usage::
+
+    python benchmarks/spray_seeds.py              # 4 networks x 2 artifacts x seeds 0-39
+    python benchmarks/spray_seeds.py --archs small_cnn --seeds $(seq 0 39) --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from _common import emit, format_table, recording
+from robustness import ARCHS, P_ARTIFACT, TRAIN
+from skdebias import SpectralRelevanceAnalysis
+from skdebias.datasets import make_artifact_digits
+from skdebias.exceptions import WeakClustersWarning
+from skdebias.metrics import artifact_relevance
+from skdebias.models import make_classifier, make_zoo_model
+
+ARTIFACTS = ("patch", "timestamp")
+COMPOSITES = ("EpsilonPlus", "EpsilonPlusFlat")
+MIN_SHARE = 0.10
+
+
+def run_seed(arch, artifact, seed, device="cpu"):
+    """One network: the relevance share and, per composite, SpRAy's clusters on class 0."""
+    torch.set_num_threads(1)
+    module, _, _ = make_zoo_model(arch, random_state=seed)
+    data = make_artifact_digits(target_class=0, p=P_ARTIFACT, artifact=artifact,
+                                random_state=seed)
+    net = make_classifier(copy.deepcopy(module), device=device, random_state=seed,
+                          **TRAIN).fit(data.X, data.y)
+    idx0 = np.flatnonzero(data.y == 0)
+    art = data.concept[idx0] == 1
+    share = float(artifact_relevance(net, data.X[idx0][art][:100], data.artifact_mask,
+                                     target=0, device=device))
+    out = []
+    for composite in COMPOSITES:
+        sp, warned = recording(WeakClustersWarning, lambda: SpectralRelevanceAnalysis(
+            net, classes=[0], composite=composite, device=device,
+            random_state=seed).fit(data.X, data.y))
+        ari = float(adjusted_rand_score(art, sp.labels_[idx0]))
+        out.append({"arch": arch, "artifact": artifact, "seed": seed, "composite": composite,
+                    "relevance share": share, "clusters": int(sp.n_clusters_[0]), "ARI": ari,
+                    "confidence": float(sp.confidence_[0]), "warned": warned,
+                    "applies": share >= MIN_SHARE,
+                    "meets": bool(sp.n_clusters_[0] >= 2 and ari >= 0.8)})
+    return out
+
+
+def summarise(runs):
+    rows = []
+    keys = sorted({(r["arch"], r["artifact"], r["composite"]) for r in runs},
+                  key=lambda k: (ARCHS.index(k[0]), k[1], COMPOSITES.index(k[2])))
+    for arch, artifact, composite in keys:
+        rs = [r for r in runs if (r["arch"], r["artifact"], r["composite"]) == (arch, artifact,
+                                                                                composite)]
+        held = [r for r in rs if r["applies"]]
+        missed = [r for r in held if not r["meets"]]
+        rows.append({"arch": arch, "artifact": artifact, "composite": composite, "runs": len(rs),
+                     "apply": len(held), "meet": len(held) - len(missed),
+                     "share met": (len(held) - len(missed)) / len(held) if held else np.nan,
+                     "misses warned": sum(r["warned"] for r in missed),
+                     "matches warned": sum(r["warned"] for r in rs if r["meets"]),
+                     "mean confidence": float(np.mean([r["confidence"] for r in rs]))})
+    return rows
+
+
+def disagreements(runs):
+    """Per network and artifact: runs where only one composite meets the target."""
+    by = {}
+    for r in runs:
+        by.setdefault((r["arch"], r["artifact"], r["seed"]), {})[r["composite"]] = r["meets"]
+    rows = []
+    for arch in ARCHS:
+        for artifact in ARTIFACTS:
+            seeds = [v for k, v in by.items() if k[:2] == (arch, artifact)]
+            if seeds:
+                rows.append({"arch": arch, "artifact": artifact, "runs": len(seeds),
+                             **{f"only {c}": sum(v[c] and not any(v[o] for o in v if o != c)
+                                                 for v in seeds) for c in COMPOSITES}})
+    return rows
+
+
+def _seed_text(seeds):
+    """``0-19`` for a run of consecutive seeds, else the list."""
+    if len(seeds) > 2 and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small_cnn, seeds 0 and 1")
+    parser.add_argument("--archs", nargs="*", choices=ARCHS, default=None)
+    parser.add_argument("--artifacts", nargs="*", choices=ARTIFACTS, default=None)
+    parser.add_argument("--seeds", type=int, nargs="*", default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="processes over networks")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    archs = args.archs or (["small_cnn"] if args.quick else list(ARCHS))
+    artifacts = args.artifacts or list(ARTIFACTS)
+    seeds = args.seeds if args.seeds is not None else list(range(2 if args.quick else 40))
+    configs = [(a, b, s) for a in archs for b in artifacts for s in seeds]
+    start = time.perf_counter()
+    if args.jobs > 1:
+        from joblib import Parallel, delayed
+
+        parts = Parallel(n_jobs=args.jobs)(delayed(run_seed)(a, b, s, args.device)
+                                           for a, b, s in configs)
+    else:
+        parts = [run_seed(a, b, s, args.device) for a, b, s in configs]
+    runs = [r for part in parts for r in part]
+    wall = time.perf_counter() - start
+    table = summarise(runs)
+    split = disagreements(runs)
+    print(format_table(split, title="Runs where only one composite meets the target"))
+    print()
+    emit("spray_seeds", table,
+         title=f"SpRAy on class 0 over seeds ({len(configs)} networks; {', '.join(archs)}; "
+               f"{', '.join(artifacts)}; seeds {_seed_text(seeds)}); {wall:.0f} s wall, "
+               f"{args.jobs} job(s), device {args.device}",
+         extra={"runs": runs, "disagreements": split, "wall s": wall, "seeds": seeds,
+                "quick": args.quick},
+         floatfmt=".2f")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
