@@ -33,7 +33,8 @@ from .attribution import ATTRIBUTION_METHODS, attribute
 from .base import BaseNetworkEstimator, atomic_fit
 from .exceptions import WeakClustersWarning
 
-__all__ = ["SpectralRelevanceAnalysis", "spectral_embedding_eigengap", "CLUSTER_SELECTIONS"]
+__all__ = ["SpectralRelevanceAnalysis", "spectral_embedding_eigengap", "CLUSTER_SELECTIONS",
+           "WEAK_CONFIDENCE"]
 
 _NORMALIZE = ("l2", "max", None)
 #: How the number of clusters per class is chosen.
@@ -41,8 +42,9 @@ CLUSTER_SELECTIONS = ("silhouette", "eigengap")
 #: Largest number of maps the silhouette is computed on (a seeded subsample beyond it):
 #: the silhouette costs O(n^2).
 _SILHOUETTE_SAMPLES = 2000
-# below this mean silhouette a partition most often cuts one continuous strategy
-_WEAK_CONFIDENCE = 0.25
+#: Below this mean silhouette (``confidence_``) a partition most often cuts one continuous
+#: strategy: ``fit`` issues a ``WeakClustersWarning`` and the audit report names the class.
+WEAK_CONFIDENCE = 0.25
 
 
 def spectral_embedding_eigengap(affinity, max_clusters=8, n_clusters=None):
@@ -422,14 +424,14 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
 
     def _warn_weak(self):
         weak = {c: conf for c, conf in self.confidence_.items()
-                if self.n_clusters_[c] > 1 and conf < _WEAK_CONFIDENCE}
+                if self.n_clusters_[c] > 1 and conf < WEAK_CONFIDENCE}
         if not weak:
             return
         listed = ", ".join(f"class {c!r}: {self.n_clusters_[c]} clusters, confidence {conf:.2f}"
                            for c, conf in weak.items())
         warnings.warn(
             f"The clusters of {len(weak)} class(es) barely separate ({listed}; mean silhouette "
-            f"below {_WEAK_CONFIDENCE}): they most often cut one continuous strategy rather than "
+            f"below {WEAK_CONFIDENCE}): they most often cut one continuous strategy rather than "
             f"separate distinct ones, so check a cluster against the images (summary(), "
             f"maps_) before using it as concept labels. Another partition may separate better: "
             f"set n_clusters, map_size or composite.", WeakClustersWarning, stacklevel=4)

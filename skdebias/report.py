@@ -470,7 +470,7 @@ class AuditReport:
         if self.spray is None:
             s["note"] = "No SpRAy result (pass spray=, a fitted SpectralRelevanceAnalysis)."
             return
-        from .detection import _WEAK_CONFIDENCE
+        from .detection import WEAK_CONFIDENCE
         from .plotting import plot_spray_clusters, plot_spray_embedding
 
         classes = self.spray.classes_.tolist()
@@ -484,11 +484,11 @@ class AuditReport:
                                         "with high separability is a distinct strategy, often "
                                         "a Clever Hans."))
         weak = [self._name(c) for c in shown if self.spray.n_clusters_[c] > 1
-                and self.spray.confidence_[c] < _WEAK_CONFIDENCE]
+                and self.spray.confidence_[c] < WEAK_CONFIDENCE]
         if weak:
             s["text"].append(
                 f"The clusters of {', '.join(map(str, weak))} barely separate (confidence below "
-                f"{_WEAK_CONFIDENCE}): they most often cut one continuous strategy rather than "
+                f"{WEAK_CONFIDENCE}): they most often cut one continuous strategy rather than "
                 "separate distinct ones. Read them as one strategy unless the images of a "
                 "cluster show otherwise.")
         for c in shown:
