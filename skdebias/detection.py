@@ -189,6 +189,9 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
         distinct; below 0.25 the clusters most often split one continuous
         strategy and should not be read as distinct ones: ``fit`` then
         issues a :class:`~skdebias.exceptions.WeakClustersWarning`.
+    weak_classes_ : list
+        The classes split into two or more clusters with a ``confidence_``
+        below 0.25 (``WEAK_CONFIDENCE``): the clusters barely separate.
     affinity_ : dict
         ``{class: "knn" or "maps"}``: whether the partition came from the
         spectral embedding of the neighbour graph or from the maps directly.
@@ -249,7 +252,8 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
             raise ValueError(
                 f"method={self.method!r} is not valid; choose one of {ATTRIBUTION_METHODS}.")
         if self.normalize not in _NORMALIZE:
-            raise ValueError(f"normalize={self.normalize!r} is not valid; choose one of {_NORMALIZE}.")
+            raise ValueError(f"normalize={self.normalize!r} is not valid; choose one of "
+                             f"{_NORMALIZE}.")
         check_int("map_size", self.map_size)
         check_int("n_neighbors", self.n_neighbors)
         check_int("max_clusters", self.max_clusters)
@@ -419,22 +423,23 @@ class SpectralRelevanceAnalysis(BaseNetworkEstimator):
             self.affinity_[c] = affinity
             self.maps_[c] = F.astype(np.float32)
         self.n_samples_fit_ = n
+        self.weak_classes_ = [c for c in classes.tolist()
+                              if self.n_clusters_[c] > 1 and self.confidence_[c] < WEAK_CONFIDENCE]
         self._warn_weak()
         return self
 
     def _warn_weak(self):
-        weak = {c: conf for c, conf in self.confidence_.items()
-                if self.n_clusters_[c] > 1 and conf < WEAK_CONFIDENCE}
-        if not weak:
+        if not self.weak_classes_:
             return
-        listed = ", ".join(f"class {c!r}: {self.n_clusters_[c]} clusters, confidence {conf:.2f}"
-                           for c, conf in weak.items())
+        listed = ", ".join(f"class {c!r}: {self.n_clusters_[c]} clusters, confidence "
+                           f"{self.confidence_[c]:.2f}" for c in self.weak_classes_)
         warnings.warn(
-            f"The clusters of {len(weak)} class(es) barely separate ({listed}; mean silhouette "
-            f"below {WEAK_CONFIDENCE}): they most often cut one continuous strategy rather than "
-            f"separate distinct ones, so check a cluster against the images (summary(), "
-            f"maps_) before using it as concept labels. Another partition may separate better: "
-            f"set n_clusters, map_size or composite.", WeakClustersWarning, stacklevel=4)
+            f"The clusters of {len(self.weak_classes_)} class(es) barely separate ({listed}; "
+            f"mean silhouette below {WEAK_CONFIDENCE}): they most often cut one continuous "
+            f"strategy rather than separate distinct ones, so check a cluster against the "
+            f"images (summary(), maps_) before using it as concept labels. Another partition "
+            f"may separate better: set n_clusters, map_size or composite.",
+            WeakClustersWarning, stacklevel=4)
 
     def fit_predict(self, X, y):
         """Fit and return ``labels_`` (cluster within class, -1 for classes not analysed)."""

@@ -483,8 +483,7 @@ class AuditReport:
         s["tables"].append(_table(rows, "Clusters of relevance maps per class. A small cluster "
                                         "with high separability is a distinct strategy, often "
                                         "a Clever Hans."))
-        weak = [self._name(c) for c in shown if self.spray.n_clusters_[c] > 1
-                and self.spray.confidence_[c] < WEAK_CONFIDENCE]
+        weak = [self._name(c) for c in self.spray.weak_classes_ if c in shown]
         if weak:
             s["text"].append(
                 f"The clusters of {', '.join(map(str, weak))} barely separate (confidence below "

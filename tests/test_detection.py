@@ -221,13 +221,14 @@ def test_a_weak_partition_warns_and_a_clear_one_does_not():
                             r"map_size or composite"):
         weak = SpectralRelevanceAnalysis(net, method="gradient_x_input",
                                          random_state=0).fit(X, np.zeros(60, int))
-    assert weak.n_clusters_[0] > 1 and weak.confidence_[0] < 0.25
+    assert weak.n_clusters_[0] > 1 and weak.confidence_[0] < 0.25 and weak.weak_classes_ == [0]
     net, X, y, _ = two_strategies()
     with warnings.catch_warnings():
         warnings.simplefilter("error", WeakClustersWarning)
         clear = SpectralRelevanceAnalysis(net, method="gradient_x_input", n_neighbors=5,
                                           random_state=0).fit(X, y)
     assert clear.n_clusters_[0] == 2 and clear.confidence_[0] >= 0.25
+    assert clear.weak_classes_ == []
 
 
 def test_default_composite_keeps_a_timestamp_strategy_apart():

@@ -199,14 +199,14 @@ def test_audit_report_says_which_classes_barely_separate(audit_parts):
     import copy
 
     p = audit_parts
-    assert all(p.spray.confidence_[c] < 0.25 for c in (0, 1))
+    assert all(p.spray.confidence_[c] < 0.25 for c in (0, 1)) and p.spray.weak_classes_ == [0, 1]
     html = AuditReport(p.net, p.X, p.y, spray=p.spray, class_names=["zero", "one"]).to_html()
     assert "The clusters of zero, one barely separate (confidence below 0.25)" in html
     spray = copy.copy(p.spray)
-    spray.confidence_ = {0: 0.6, 1: p.spray.confidence_[1]}
+    spray.weak_classes_ = [1]
     html = AuditReport(p.net, p.X, p.y, spray=spray, class_names=["zero", "one"]).to_html()
     assert "The clusters of one barely separate" in html
-    spray.confidence_ = {0: 0.6, 1: 0.3}
+    spray.weak_classes_ = []
     html = AuditReport(p.net, p.X, p.y, spray=spray, class_names=["zero", "one"]).to_html()
     assert "barely separate" not in html
 
