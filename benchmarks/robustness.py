@@ -342,6 +342,35 @@ def _hand_tcav(module, layer, X, concept_X, random_sets, target, device):
 
 
 # ------------------------------------------------------------------ one configuration
+def train_on_artifact(module, bias, seed, device="cpu", train=TRAIN):
+    """``make_artifact_digits`` with the artifact ``bias`` in ``P_ARTIFACT`` of class 0, and a
+    copy of ``module`` trained on it: ``(data, net)``."""
+    data = make_artifact_digits(target_class=0, p=P_ARTIFACT, artifact=bias, random_state=seed)
+    net = make_classifier(copy.deepcopy(module), device=device, random_state=seed,
+                          **train).fit(data.X, data.y)
+    return data, net
+
+
+def relevance_share(net, data, device="cpu"):
+    """The share of |LRP| inside the artifact on (up to 100 of) class 0's training images that
+    show it: whether SpRAy's target applies."""
+    art = (data.y == 0) & (data.concept == 1)
+    return float(artifact_relevance(net, data.X[art][:100], data.artifact_mask, target=0,
+                                    device=device))
+
+
+def spray_row(net, data, seed, device="cpu", **params):
+    """SpRAy (``params`` over its defaults) on class 0 of the training split, where the artifact
+    lives: its clusters, their ARI against the artifact labels, its confidence and whether it
+    issued a ``WeakClustersWarning``."""
+    idx0 = np.flatnonzero(data.y == 0)
+    sp, warned = recording(WeakClustersWarning, lambda: SpectralRelevanceAnalysis(
+        net, classes=[0], device=device, random_state=seed, **params).fit(data.X, data.y))
+    return {"clusters": sp.n_clusters_[0],
+            "ARI": adjusted_rand_score(data.concept[idx0] == 1, sp.labels_[idx0]),
+            "confidence": sp.confidence_[0], "warned weak clusters": warned}
+
+
 def run_config(arch, bias, seed, quick=False, device="cpu"):
     """All rows of one (architecture, bias, seed)."""
     torch.set_num_threads(1)
@@ -434,11 +463,8 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
                       torch.nn.Sequential(copy.deepcopy(net.module_), _Scale(1 / SOFTENING)))
         rows = [van, end_row, *selected_rows, fmd_row, soft]
     else:
-        data = make_artifact_digits(target_class=0, p=P_ARTIFACT, artifact=bias,
-                                    random_state=seed)
+        data, net = train_on_artifact(module, bias, seed, device, train)
         c = target_class_concept_labels(data)
-        net = make_classifier(copy.deepcopy(module), device=device, random_state=seed,
-                              **train).fit(data.X, data.y)
         X_att = data.add_artifact(data.X_test)
         rows = [{"method": "vanilla", "clean acc": _acc(net, data.X_test, data.y_test),
                  "attacked acc": _acc(net, X_att, data.y_test)}]
@@ -479,19 +505,10 @@ def run_config(arch, bias, seed, quick=False, device="cpu"):
             rows.append({"method": name, "clean acc": _acc(pc, data.X_test, data.y_test),
                          "attacked acc": _acc(pc, X_att, data.y_test),
                          "warned clean accuracy": warned})
-        # SpRAy on class 0 of the training split, where the artifact lives
-        idx0 = np.flatnonzero(data.y == 0)
-        art = data.concept[idx0] == 1
-        share = artifact_relevance(net, data.X[idx0][art][:100], data.artifact_mask, target=0,
-                                   device=device)
+        share = relevance_share(net, data, device)
         for selection in ("silhouette", "eigengap"):
-            sp, warned = recording(WeakClustersWarning, lambda: SpectralRelevanceAnalysis(
-                net, classes=[0], cluster_selection=selection, device=device,
-                random_state=seed).fit(data.X, data.y))
             rows.append({"method": f"SpRAy ({selection})", "relevance share": share,
-                         "clusters": sp.n_clusters_[0],
-                         "ARI": adjusted_rand_score(art, sp.labels_[idx0]),
-                         "confidence": sp.confidence_[0], "warned weak clusters": warned})
+                         **spray_row(net, data, seed, device, cluster_selection=selection)})
         # TCAV of the artifact for class 0: concept = other-class test images with the artifact
         rng = np.random.RandomState(seed)
         others = np.flatnonzero(data.y_test != 0)

@@ -24,20 +24,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import numpy as np
 import torch
-from sklearn.metrics import adjusted_rand_score
 
-from _common import emit, format_table, recording
-from robustness import ARCHS, P_ARTIFACT, TRAIN
-from skdebias import SpectralRelevanceAnalysis
-from skdebias.datasets import make_artifact_digits
-from skdebias.exceptions import WeakClustersWarning
-from skdebias.metrics import artifact_relevance
-from skdebias.models import make_classifier, make_zoo_model
+from _common import emit, format_table
+from robustness import ARCHS, relevance_share, spray_row, train_on_artifact
+from skdebias.models import make_zoo_model
 
 ARTIFACTS = ("patch", "timestamp")
 COMPOSITES = ("EpsilonPlus", "EpsilonPlusFlat")
@@ -48,25 +42,16 @@ def run_seed(arch, artifact, seed, device="cpu"):
     """One network: the relevance share and, per composite, SpRAy's clusters on class 0."""
     torch.set_num_threads(1)
     module, _, _ = make_zoo_model(arch, random_state=seed)
-    data = make_artifact_digits(target_class=0, p=P_ARTIFACT, artifact=artifact,
-                                random_state=seed)
-    net = make_classifier(copy.deepcopy(module), device=device, random_state=seed,
-                          **TRAIN).fit(data.X, data.y)
-    idx0 = np.flatnonzero(data.y == 0)
-    art = data.concept[idx0] == 1
-    share = float(artifact_relevance(net, data.X[idx0][art][:100], data.artifact_mask,
-                                     target=0, device=device))
+    data, net = train_on_artifact(module, artifact, seed, device)
+    share = relevance_share(net, data, device)
     out = []
     for composite in COMPOSITES:
-        sp, warned = recording(WeakClustersWarning, lambda: SpectralRelevanceAnalysis(
-            net, classes=[0], composite=composite, device=device,
-            random_state=seed).fit(data.X, data.y))
-        ari = float(adjusted_rand_score(art, sp.labels_[idx0]))
+        row = spray_row(net, data, seed, device, composite=composite)
         out.append({"arch": arch, "artifact": artifact, "seed": seed, "composite": composite,
-                    "relevance share": share, "clusters": int(sp.n_clusters_[0]), "ARI": ari,
-                    "confidence": float(sp.confidence_[0]), "warned": warned,
-                    "applies": share >= MIN_SHARE,
-                    "meets": bool(sp.n_clusters_[0] >= 2 and ari >= 0.8)})
+                    "relevance share": share, "clusters": int(row["clusters"]),
+                    "ARI": float(row["ARI"]), "confidence": float(row["confidence"]),
+                    "warned": row["warned weak clusters"], "applies": share >= MIN_SHARE,
+                    "meets": bool(row["clusters"] >= 2 and row["ARI"] >= 0.8)})
     return out
 
 
