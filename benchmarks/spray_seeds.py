@@ -11,9 +11,14 @@ defaults, the yardstick of ``robustness.py``) and *meets* the target when SpRAy 
 run. Three seeds per row, as in ``robustness.py``, say little about a criterion judged run by
 run: this benchmark counts over many.
 
-Rows: per network, artifact and composite, the runs, the runs that apply, the runs that meet
-the target among them, the misses that warned, and the runs that matched the artifact but
-warned. A last table counts the runs where the two composites disagree.
+Next to the defaults, SpRAy as its authors' analysis software runs it (``reference_spray`` in
+``robustness.py``: full-resolution maps of the default composite divided by their sum, a
+32-neighbour graph, k-means on 32 eigenvectors; k by the eigengap, and 2 clusters) on the same
+maps: a baseline, as the warning columns do not apply to it.
+
+Rows: per network, artifact and variant (composite, or the authors' recipe), the runs, the runs
+that apply, the runs that meet the target among them, the misses that warned, and the runs that
+matched the artifact but warned. A last table counts the runs where the two composites disagree.
 
 Usage::
 
@@ -30,46 +35,55 @@ import numpy as np
 import torch
 
 from _common import emit, format_table
-from robustness import ARCHS, relevance_share, spray_row, train_on_artifact
+from robustness import ARCHS, reference_spray, relevance_share, spray_row, train_on_artifact
 from skdebias.models import make_zoo_model
 
 ARTIFACTS = ("patch", "timestamp")
 COMPOSITES = ("EpsilonPlus", "EpsilonPlusFlat")
 MIN_SHARE = 0.10
+REFERENCE = "authors' recipe"
+VARIANTS = (*COMPOSITES, f"{REFERENCE} (eigengap)", f"{REFERENCE} (2 clusters)")
 
 
 def run_seed(arch, artifact, seed, device="cpu"):
-    """One network: the relevance share and, per composite, SpRAy's clusters on class 0."""
+    """One network: the relevance share and, per variant, SpRAy's clusters on class 0."""
     torch.set_num_threads(1)
     module, _, _ = make_zoo_model(arch, random_state=seed)
     data, net = train_on_artifact(module, artifact, seed, device)
     share = relevance_share(net, data, device)
+    base = {"arch": arch, "artifact": artifact, "seed": seed, "relevance share": share,
+            "applies": share >= MIN_SHARE}
     out = []
     for composite in COMPOSITES:
         row = spray_row(net, data, seed, device, composite=composite)
-        out.append({"arch": arch, "artifact": artifact, "seed": seed, "composite": composite,
-                    "relevance share": share, "clusters": int(row["clusters"]),
-                    "ARI": float(row["ARI"]), "confidence": float(row["confidence"]),
-                    "warned": row["warned weak clusters"], "applies": share >= MIN_SHARE,
+        out.append({**base, "variant": composite, "composite": composite,
+                    "clusters": int(row["clusters"]), "ARI": float(row["ARI"]),
+                    "confidence": float(row["confidence"]), "warned": row["warned weak clusters"],
+                    "meets": bool(row["clusters"] >= 2 and row["ARI"] >= 0.8)})
+    for name, row in reference_spray(net, data, seed, device, COMPOSITES[0]).items():
+        out.append({**base, "variant": f"{REFERENCE} ({name})", "composite": COMPOSITES[0],
+                    "clusters": int(row["clusters"]), "ARI": float(row["ARI"]),
+                    "confidence": float("nan"), "warned": False,
                     "meets": bool(row["clusters"] >= 2 and row["ARI"] >= 0.8)})
     return out
 
 
 def summarise(runs):
     rows = []
-    keys = sorted({(r["arch"], r["artifact"], r["composite"]) for r in runs},
-                  key=lambda k: (ARCHS.index(k[0]), k[1], COMPOSITES.index(k[2])))
-    for arch, artifact, composite in keys:
-        rs = [r for r in runs if (r["arch"], r["artifact"], r["composite"]) == (arch, artifact,
-                                                                                composite)]
+    keys = sorted({(r["arch"], r["artifact"], r["variant"]) for r in runs},
+                  key=lambda k: (ARCHS.index(k[0]), k[1], VARIANTS.index(k[2])))
+    for arch, artifact, variant in keys:
+        rs = [r for r in runs if (r["arch"], r["artifact"], r["variant"]) == (arch, artifact,
+                                                                              variant)]
         held = [r for r in rs if r["applies"]]
         missed = [r for r in held if not r["meets"]]
-        rows.append({"arch": arch, "artifact": artifact, "composite": composite, "runs": len(rs),
+        rows.append({"arch": arch, "artifact": artifact, "variant": variant, "runs": len(rs),
                      "apply": len(held), "meet": len(held) - len(missed),
                      "share met": (len(held) - len(missed)) / len(held) if held else np.nan,
                      "misses warned": sum(r["warned"] for r in missed),
                      "matches warned": sum(r["warned"] for r in rs if r["meets"]),
-                     "mean confidence": float(np.mean([r["confidence"] for r in rs]))})
+                     "mean confidence": float(np.mean([r["confidence"] for r in rs]))
+                     if variant in COMPOSITES else np.nan})
     return rows
 
 
@@ -77,7 +91,8 @@ def disagreements(runs):
     """Per network and artifact: runs where only one composite meets the target."""
     by = {}
     for r in runs:
-        by.setdefault((r["arch"], r["artifact"], r["seed"]), {})[r["composite"]] = r["meets"]
+        if r["variant"] in COMPOSITES:
+            by.setdefault((r["arch"], r["artifact"], r["seed"]), {})[r["variant"]] = r["meets"]
     rows = []
     for arch in ARCHS:
         for artifact in ARTIFACTS:
