@@ -78,3 +78,27 @@ def test_reference_spray_uses_a_mean_symmetrised_knn_graph(robustness, monkeypat
     A = np.array([[0, 1, 0], [1, 0, 0.5], [0, 0.5, 0]])
     d = A.sum(axis=1) ** -0.5
     np.testing.assert_allclose(seen["M"], d[:, None] * A * d[None, :])
+
+
+def test_reference_fmd_step_is_a_newton_step_of_the_one_vs_rest_logistic_loss(robustness):
+    import torch
+    torch.manual_seed(0)
+    n, d = 40, 5
+    F = torch.randn(n, d, dtype=torch.float64)
+    is_k = torch.arange(n) % 3 == 0
+    w = torch.randn(d, dtype=torch.float64) * 0.3
+    f, f_cf = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    lam, step = robustness.REFERENCE_FMD["lam"], robustness.REFERENCE_FMD["step"]
+    sign = torch.where(is_k, 1.0, -1.0).double()
+
+    def summed_loss(v):  # sum over the training features, L2 term lam * n / 2 |v|^2
+        return torch.nn.functional.softplus(-sign * (F @ v)).sum() + lam * n * v.pow(2).sum() / 2
+
+    def one_loss(x):  # one sample of class k
+        return lambda v: torch.nn.functional.softplus(-(x @ v)) + lam * v.pow(2).sum() / 2
+
+    H = torch.autograd.functional.hessian(summed_loss, w)
+    g = (torch.autograd.functional.jacobian(one_loss(f_cf), w)
+         - torch.autograd.functional.jacobian(one_loss(f), w)).abs()
+    expected = w + step * torch.linalg.solve(H, g)
+    torch.testing.assert_close(robustness.reference_fmd_step(F, w, f, f_cf), expected)
