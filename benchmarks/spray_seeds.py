@@ -82,8 +82,7 @@ def summarise(runs):
                      "share met": (len(held) - len(missed)) / len(held) if held else np.nan,
                      "misses warned": sum(r["warned"] for r in missed),
                      "matches warned": sum(r["warned"] for r in rs if r["meets"]),
-                     "mean confidence": float(np.mean([r["confidence"] for r in rs]))
-                     if variant in COMPOSITES else np.nan})
+                     "mean confidence": float(np.mean([r["confidence"] for r in rs]))})
     return rows
 
 
